@@ -1,0 +1,231 @@
+"""model/: shapes, accounting, training signal, generation, checkpoints and Hugging Face parity."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_model, load_tokenizer, save_checkpoint
+from model.config import PRESETS, ModelConfig, preset
+from model.generate import IncrementalDetokenizer, SamplingParams, generate, generate_stream
+from model.llama import Transformer, language_model_loss
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_count_matches_config(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters
+
+
+def test_presets_span_one_million_to_over_a_billion():
+    sizes = {name: preset(name).num_parameters for name in PRESETS}
+    assert 0.8e6 < sizes["1m"] < 2e6
+    assert 8e6 < sizes["10m"] < 14e6
+    assert 110e6 < sizes["125m"] < 140e6
+    assert 1.2e9 < sizes["1.3b"] < 1.45e9
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    config = preset("10m")
+    seq = 256
+    n = config.n_layers * config.params_per_layer + config.vocab_size * config.dim
+    assert config.flops_per_token(seq) == 6 * n + 12 * config.n_layers * config.dim * seq
+    # The attention term grows with context; the 6N term does not.
+    assert config.flops_per_token(1024) - config.flops_per_token(512) == 12 * config.n_layers * config.dim * 512
+
+
+def test_invalid_config_names_the_problem():
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(dim=100, n_heads=3)
+    with pytest.raises(KeyError, match="unknown model preset"):
+        preset("7b")
+
+
+def test_initial_loss_is_near_uniform_and_falls_when_training():
+    torch.manual_seed(0)
+    config = preset("1m", vocab_size=256, max_seq_len=64)
+    model = Transformer(config)
+    data = torch.randint(0, 256, (8, 33))
+    loss0 = language_model_loss(model(data[:, :-1]), data[:, 1:])
+    assert abs(loss0.item() - torch.log(torch.tensor(256.0)).item()) < 0.3
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = language_model_loss(model(data[:, :-1]), data[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < loss0.item() - 1.5
+
+
+def test_ignore_index_masks_targets():
+    logits = torch.randn(1, 4, 10)
+    targets = torch.tensor([[1, -100, 2, -100]])
+    expected = torch.nn.functional.cross_entropy(logits[0, [0, 2]], torch.tensor([1, 2]))
+    assert torch.allclose(language_model_loss(logits, targets), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(1)
+    return Transformer(preset("1m", vocab_size=512, max_seq_len=128)).eval()
+
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [20]]
+
+
+def test_greedy_with_cache_equals_without(tiny_model):
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=())
+    cached = generate(tiny_model, PROMPTS, params, use_cache=True)
+    uncached = generate(tiny_model, PROMPTS, params, use_cache=False)
+    assert [c.token_ids for c in cached] == [u.token_ids for u in uncached]
+    assert all(len(c.token_ids) == 24 and c.finish_reason == "length" for c in cached)
+
+
+def test_batch_output_does_not_depend_on_batch_mates(tiny_model):
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=7, stop_token_ids=())
+    together = generate(tiny_model, PROMPTS, params)
+    alone = [generate(tiny_model, [p], params)[0] for p in PROMPTS]
+    assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+
+
+def test_seed_makes_sampling_reproducible(tiny_model):
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed, stop_token_ids=())
+        return generate(tiny_model, [PROMPTS[0]], params)[0].token_ids
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_top_k_one_is_greedy(tiny_model):
+    greedy = generate(tiny_model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=()))
+    top1 = generate(tiny_model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=0,
+                                                        stop_token_ids=()))
+    assert [g.token_ids for g in greedy] == [t.token_ids for t in top1]
+
+
+def test_repetition_penalty_reduces_repeats(tiny_model):
+    plain = generate(tiny_model, [PROMPTS[0]], SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=()))
+    penalised = generate(tiny_model, [PROMPTS[0]], SamplingParams(max_new_tokens=40, temperature=0,
+                                                                  repetition_penalty=5.0, stop_token_ids=()))
+    assert len(set(penalised[0].token_ids)) > len(set(plain[0].token_ids))
+
+
+def test_stop_token_ends_sequence(tiny_model):
+    params = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=())
+    free = generate(tiny_model, [PROMPTS[1]], params)[0].token_ids
+    stopper = free[5]
+    first = free.index(stopper)
+    stopped = generate(tiny_model, [PROMPTS[1]], SamplingParams(max_new_tokens=30, temperature=0,
+                                                                stop_token_ids=(stopper,)))[0]
+    assert stopped.token_ids == free[:first] and stopped.finish_reason == "stop"
+
+
+def test_prompt_too_long_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="context"):
+        generate(tiny_model, [[1] * 200], SamplingParams(max_new_tokens=1))
+
+
+def test_sampling_params_validate():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_streaming_text_and_stop_strings(builtin_tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size)).eval()
+    prompt = builtin_tokenizer.encode("Return the value of", bos=True)
+    params = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=())
+    full = generate(model, [prompt], params, tokenizer=builtin_tokenizer)[0]
+    assert full.text == builtin_tokenizer.decode(full.token_ids)
+    streamed = "".join(e.text for events in generate_stream(model, [prompt], params, builtin_tokenizer)
+                       for e in events)
+    assert streamed == full.text
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    if stop.strip():
+        cut = generate(model, [prompt], SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=(),
+                                                       stop=(stop,)), builtin_tokenizer)[0]
+        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+def test_incremental_detokenizer_holds_back_stop_prefix(builtin_tokenizer):
+    ids = builtin_tokenizer.encode("hello world")
+    detok = IncrementalDetokenizer(builtin_tokenizer, stop=("world!",))
+    text, stopped = "", False
+    for n in range(1, len(ids) + 1):
+        delta, stopped = detok.update(ids[:n])
+        text += delta
+    assert not stopped and "world" not in text  # could still become "world!"
+    assert text + detok.flush() == "hello world"
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_model, builtin_tokenizer):
+    save_checkpoint(tiny_model, tmp_path / "ckpt", builtin_tokenizer)
+    loaded = load_model(tmp_path / "ckpt")
+    tokens = torch.tensor([PROMPTS[1]])
+    assert torch.equal(loaded(tokens), tiny_model(tokens))
+    assert load_tokenizer(tmp_path / "ckpt").encode("abc") == builtin_tokenizer.encode("abc")
+    assert not any(p.suffix == ".pt" or p.suffix == ".bin" for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_hugging_face_export_matches_transformers_and_imports_back(tmp_path, builtin_tokenizer, tie):
+    transformers = pytest.importorskip("transformers")
+    from model.hf import export_hf, import_hf
+
+    torch.manual_seed(2)
+    model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size, tie_embeddings=tie)).eval()
+    export_hf(model, tmp_path / "hf", builtin_tokenizer)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.tensor([builtin_tokenizer.encode("The quick brown fox jumps over the lazy dog.", bos=True)])
+    with torch.no_grad():
+        difference = (model(tokens) - theirs(tokens).logits).abs().max().item()
+    assert difference <= 1e-4
+    imported, tokenizer = import_hf(tmp_path / "hf")
+    for (name, ours), (_, back) in zip(model.state_dict().items(), imported.state_dict().items()):
+        assert torch.equal(ours, back), name
+    assert tokenizer.encode("same ids") == builtin_tokenizer.encode("same ids")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Tokenizers agree on text like this, with  spaces\nand lines."
+    assert hf_tokenizer(text).input_ids == builtin_tokenizer.encode(text, bos=True)
+
+
+def test_tokenizer_special_ids_and_chat_mask(builtin_tokenizer):
+    tok = builtin_tokenizer
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    encoding = tok.apply_chat_template([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+    ])
+    assert encoding.ids[0] == tok.bos_id and len(encoding.ids) == len(encoding.assistant_mask)
+    reply = [i for i, m in zip(encoding.ids, encoding.assistant_mask) if m]
+    assert tok.decode(reply) == "Hello there." and reply[-1] == tok.end_of_turn_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert prompt.ids[-1] == tok.role_id("assistant") and not any(prompt.assistant_mask)
+
+
+def test_tokenizer_round_trips_and_pickles(builtin_tokenizer):
+    text = "def f(x):\n    return x ** 2  # ünïcode ✓ 中文"
+    assert builtin_tokenizer.decode(builtin_tokenizer.encode(text)) == text
+    clone = pickle.loads(pickle.dumps(builtin_tokenizer))
+    assert clone.encode(text) == builtin_tokenizer.encode(text)
+
+
+def test_chat_template_rejects_bad_messages(builtin_tokenizer):
+    from model.tokenizer import ChatFormatError
+
+    with pytest.raises(ChatFormatError, match=r"messages\[1\].role"):
+        builtin_tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
