@@ -43,3 +43,18 @@ def builtin_tokenizer(tmp_path_factory):
 
     texts = [doc["text"] for doc in iter_builtin_documents()]
     return train_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=2048)
+
+
+# ---- serving fixtures (shared with the UI's browser tests) ---------------------------------------
+@pytest.fixture(scope="session")
+def serving_checkpoint(tmp_path_factory, builtin_tokenizer):
+    """A tiny real checkpoint (preset "1m", untrained weights) written with save_checkpoint."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.llama import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size))
+    return save_checkpoint(model, tmp_path_factory.mktemp("serving") / "tiny", builtin_tokenizer)
