@@ -1,0 +1,307 @@
+"""Deduplication: exact (hash of normalised text), then MinHash-LSH near duplicates.
+
+Near-duplicate detection follows the usual recipe (Broder 1997; Lee et al. 2022; datatrove):
+
+1. word 5-gram shingles -> a datasketch ``MinHash`` signature (112 permutations by default).
+   Shingle hashes are computed with numpy (crc32 per word, a polynomial over each 5-gram) and fed
+   to ``MinHash.update_batch`` with an identity hash function: the same datasketch permutations and
+   min-reduction, without one Python sha1 call per shingle, which is what makes it fast.
+2. The signature is cut into 14 bands of 8 rows; each band is hashed into one bucket key.
+3. Documents sharing a bucket are candidates. In Ray Data the (bucket, id) rows are grouped with a
+   distributed ``groupby`` (a shuffle across the cluster), never one in-memory index on one node.
+4. Candidates can be checked: ``signature`` keeps a pair whose MinHash estimate of Jaccard
+   similarity reaches ``jaccard_threshold``; ``exact`` computes the true Jaccard of the shingle
+   sets (on the driver, for the candidate documents only); ``none`` trusts LSH.
+5. Pairs are joined into connected components (union-find over the edge list, which holds only
+   documents that have a duplicate). One document per component is kept: the smallest id, so the
+   choice is the same on every run and every cluster. Every removed document records that id.
+
+The pure functions here are shared by the Ray path (:func:`dedup_dataset`) and an in-process
+reference (:func:`dedup_in_memory`) that tests compare it with.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from itertools import combinations
+from typing import Any, Iterable, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipelines.config import StrictModel
+
+_WORD = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")
+_PRIME = np.uint64(0x100000001B3)  # FNV-64 prime: a good odd multiplier for polynomial hashing
+_MASK32 = np.uint64(0xFFFFFFFF)
+_CHUNK = 16384  # shingles per update_batch call: bounds the [shingles, permutations] temporary
+PAIRWISE_BUCKET_LIMIT = 32  # buckets up to this size are checked pair by pair, larger ones as a star
+
+
+class DedupConfig(StrictModel):
+    exact: bool = Field(True, description="remove documents whose normalised text is identical")
+    near: bool = Field(True, description="remove near duplicates with MinHash-LSH")
+    ngram: int = Field(5, ge=1, description="words per shingle")
+    num_perm: int = Field(112, ge=2, description="MinHash permutations")
+    bands: int = Field(14, ge=1, description="LSH bands")
+    rows_per_band: int = Field(8, ge=1, description="signature rows per band (bands * rows == num_perm)")
+    verify: Literal["none", "signature", "exact"] = Field(
+        "signature", description="check LSH candidates: MinHash estimate, true Jaccard of shingles, or not at all")
+    jaccard_threshold: float = Field(0.7, gt=0, le=1, description="candidates below this similarity are not merged")
+    minhash_seed: int = Field(1, description="seed of datasketch's permutations")
+
+    @model_validator(mode="after")
+    def _bands_cover_signature(self) -> "DedupConfig":
+        if self.bands * self.rows_per_band > self.num_perm:
+            raise ValueError(f"bands * rows_per_band ({self.bands * self.rows_per_band}) exceeds num_perm "
+                             f"({self.num_perm})")
+        return self
+
+
+# ---------------------------------------------------------------- pure functions
+
+def normalize_for_exact(text: str) -> str:
+    """Case and whitespace do not make a document different."""
+    return _SPACES.sub(" ", text.lower()).strip()
+
+
+def exact_hash(text: str) -> str:
+    return hashlib.blake2b(normalize_for_exact(text).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """Unique 32-bit hashes of the word n-grams of a lower-cased, punctuation-free text."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    word_hashes = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+    n = min(ngram, len(words))  # a short document is one shingle of all its words
+    count = len(words) - n + 1
+    combined = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
+        for k in range(n):
+            combined = combined * _PRIME + word_hashes[k:k + count] + np.uint64(k + 1)
+        folded = (combined ^ (combined >> np.uint64(32))) & _MASK32
+    return np.unique(folded)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def new_minhash(cfg: DedupConfig):
+    from datasketch import MinHash
+
+    return MinHash(num_perm=cfg.num_perm, seed=cfg.minhash_seed, hashfunc=_identity)
+
+
+def minhash_signature(shingles: np.ndarray, prototype) -> np.ndarray:
+    """datasketch MinHash of pre-hashed shingles (copying a prototype reuses its permutations)."""
+    minhash = prototype.copy()
+    for start in range(0, len(shingles), _CHUNK):
+        minhash.update_batch(shingles[start:start + _CHUNK])
+    return np.asarray(minhash.hashvalues, dtype=np.uint32)
+
+
+def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One int64 bucket key per band; the band index is mixed in so bands never share buckets."""
+    sig = signature[: bands * rows].astype(np.uint64).reshape(bands, rows)
+    with np.errstate(over="ignore"):
+        keys = np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        for r in range(rows):
+            keys = (keys ^ sig[:, r]) * _PRIME
+    return keys.view(np.int64)
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    return float(np.mean(sig_a == sig_b))
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def bucket_edges(ids: list[str], signatures: list[np.ndarray] | None, cfg: DedupConfig) -> list[tuple[str, str]]:
+    """Candidate pairs from one bucket, filtered by the signature check when that is on."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    ids = [ids[i] for i in order]
+    if signatures is not None:
+        signatures = [signatures[i] for i in order]
+    if len(ids) <= PAIRWISE_BUCKET_LIMIT:
+        pairs: Iterable[tuple[int, int]] = combinations(range(len(ids)), 2)
+    else:  # huge buckets (boilerplate): a star keeps them connected without n^2 pairs
+        pairs = ((0, j) for j in range(1, len(ids)))
+    edges = []
+    for i, j in pairs:
+        if cfg.verify == "signature" and signatures is not None:
+            if estimated_jaccard(signatures[i], signatures[j]) < cfg.jaccard_threshold:
+                continue
+        edges.append((ids[i], ids[j]))
+    return edges
+
+
+def connected_components(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Every id in an edge -> the smallest id of its component (union-find with path halving)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            # The smaller id becomes the root, so each root is its component's minimum.
+            if rb < ra:
+                ra, rb = rb, ra
+            parent[rb] = ra
+    return {x: find(x) for x in list(parent)}
+
+
+def resolve_duplicates(exact_groups: Iterable[list[str]], near_edges: Iterable[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """removed id -> (kept id, "exact" | "near"); every chain ends at a document that is kept."""
+    removed: dict[str, tuple[str, str]] = {}
+    for group in exact_groups:
+        keeper = min(group)
+        for doc in group:
+            if doc != keeper:
+                removed[doc] = (keeper, "exact")
+    roots = connected_components(near_edges)
+    for doc, root in roots.items():
+        if doc != root:
+            removed[doc] = (root, "near")
+    # An exact duplicate of a near duplicate points at the document finally kept.
+    for doc, (target, kind) in list(removed.items()):
+        if target in removed:
+            removed[doc] = (removed[target][0], kind)
+    return removed
+
+
+def filter_edges_exact(edges: list[tuple[str, str]], texts: dict[str, str], cfg: DedupConfig) -> list[tuple[str, str]]:
+    shingles = {doc: shingle_hashes(text, cfg.ngram) for doc, text in texts.items()}
+    return [(a, b) for a, b in edges if exact_jaccard(shingles[a], shingles[b]) >= cfg.jaccard_threshold]
+
+
+def dedup_in_memory(docs: list[dict[str, str]], cfg: DedupConfig) -> dict[str, tuple[str, str]]:
+    """Reference implementation in one process: the same functions, plain dicts instead of a shuffle."""
+    exact_groups: dict[str, list[str]] = {}
+    for doc in docs:
+        key = exact_hash(doc["text"]) if cfg.exact else doc["id"]
+        exact_groups.setdefault(key, []).append(doc["id"])
+    dup_groups = [g for g in exact_groups.values() if len(g) > 1]
+    exact_removed = {d for g in dup_groups for d in g if d != min(g)}
+    edges: list[tuple[str, str]] = []
+    if cfg.near:
+        prototype = new_minhash(cfg)
+        buckets: dict[int, list[tuple[str, np.ndarray]]] = {}
+        for doc in docs:
+            if doc["id"] in exact_removed:
+                continue
+            sig = minhash_signature(shingle_hashes(doc["text"], cfg.ngram), prototype)
+            for key in band_keys(sig, cfg.bands, cfg.rows_per_band).tolist():
+                buckets.setdefault(key, []).append((doc["id"], sig))
+        for members in buckets.values():
+            if len(members) > 1:
+                edges.extend(bucket_edges([m[0] for m in members], [m[1] for m in members], cfg))
+        edges = sorted(set(edges))
+        if cfg.verify == "exact":
+            texts = {d["id"]: d["text"] for d in docs if d["id"] in {x for e in edges for x in e}}
+            edges = filter_edges_exact(edges, texts, cfg)
+    return resolve_duplicates(dup_groups, edges)
+
+
+# ---------------------------------------------------------------- Ray Data
+
+class _Signer:
+    """map_batches UDF: exact hash, MinHash signature and band keys of each kept document."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.prototype = new_minhash(cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import time
+
+        started = time.perf_counter()
+        cfg = self.cfg
+        sigs, keys, hashes = [], [], []
+        for text in batch["text"]:
+            hashes.append(exact_hash(text))
+            if cfg.near:
+                sig = minhash_signature(shingle_hashes(text, cfg.ngram), self.prototype)
+                sigs.append(sig.tobytes())
+                keys.append(band_keys(sig, cfg.bands, cfg.rows_per_band))
+            else:
+                sigs.append(b"")
+                keys.append(np.zeros(0, dtype=np.int64))
+        n = len(hashes)
+        return {"id": batch["id"], "exact_hash": np.array(hashes, dtype=object),
+                "signature": np.array(sigs, dtype=object), "band_keys": keys,
+                "t_dedup": np.full(n, (time.perf_counter() - started) / max(n, 1))}
+
+
+def _exact_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ids = sorted(str(x) for x in group["id"])
+    if len(ids) < 2:
+        return {"ids": np.array([], dtype=object)}
+    return {"ids": np.array(["\t".join(ids)], dtype=object)}
+
+
+def _explode_bands(row: dict[str, Any], skip: set[str]) -> list[dict[str, Any]]:
+    if row["id"] in skip:
+        return []
+    return [{"key": int(k), "id": row["id"], "signature": row["signature"]} for k in row["band_keys"]]
+
+
+def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, np.ndarray]:
+    ids = [str(x) for x in group["id"]]
+    if len(ids) < 2:
+        return {"a": np.array([], dtype=object), "b": np.array([], dtype=object)}
+    sigs = [np.frombuffer(s, dtype=np.uint32) for s in group["signature"]]
+    edges = bucket_edges(ids, sigs, cfg)
+    return {"a": np.array([e[0] for e in edges], dtype=object), "b": np.array([e[1] for e in edges], dtype=object)}
+
+
+def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """Duplicates among the rows of ``kept`` (a Ray Dataset with ``id`` and ``text``).
+
+    Returns (removed id -> (kept id, kind), statistics).
+    """
+    import ray
+
+    signed = kept.select_columns(["id", "text"]).map_batches(
+        _Signer, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=64,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+    ).materialize()
+    seconds = float(signed.sum("t_dedup") or 0.0) if signed.count() else 0.0
+    dup_groups: list[list[str]] = []
+    if cfg.exact:
+        grouped = signed.select_columns(["id", "exact_hash"]).groupby("exact_hash").map_groups(
+            _exact_group, batch_format="numpy")
+        dup_groups = sorted(row["ids"].split("\t") for row in grouped.take_all())
+    exact_removed = {d for g in dup_groups for d in g if d != min(g)}
+    edges: list[tuple[str, str]] = []
+    candidate_pairs = 0
+    if cfg.near:
+        bands = signed.select_columns(["id", "signature", "band_keys"]).flat_map(
+            _explode_bands, fn_kwargs={"skip": exact_removed})
+        pairs = bands.groupby("key").map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
+        edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
+        candidate_pairs = len(edges)
+        if cfg.verify == "exact" and edges:
+            involved = {x for e in edges for x in e}
+            texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
+                lambda r: r["id"] in involved).take_all()}
+            edges = filter_edges_exact(edges, texts, cfg)
+    removed = resolve_duplicates(dup_groups, edges)
+    stats = {"documents": signed.count(), "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
+             "verified_pairs": len(edges), "cpu_seconds_signatures": round(seconds, 3)}
+    return removed, stats

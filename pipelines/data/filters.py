@@ -1,0 +1,326 @@
+"""Quality filters with the published thresholds as defaults.
+
+- Gopher quality and repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A;
+  thresholds as in datatrove's GopherQualityFilter / GopherRepetitionFilter).
+- C4 line rules (Raffel et al. 2020, as in datatrove's C4QualityFilter). These edit the text (drop
+  lines) as well as drop documents. The bad-words list is not applied: no list ships with the
+  project's dependencies.
+- FineWeb's line rules (Penedo et al. 2024, datatrove's FineWebQualityFilter).
+- Language identification with py3langid (its model ships inside the package).
+
+Every filter returns ``None`` to keep a document or a reason ``"<filter>:<rule>"`` to drop it, so
+the manifest can count drops per filter and rule.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipelines.config import StrictModel
+
+TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "…")
+_PARAGRAPHS = re.compile(r"\n{2,}")
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
+                     "use of cookies", "use cookies")
+
+
+# ---------------------------------------------------------------- configs (published defaults)
+
+class LanguageConfig(StrictModel):
+    enabled: bool = True
+    languages: list[str] = Field(["en"], description="ISO 639-1 codes to keep")
+    min_score: float = Field(0.65, ge=0, le=1, description="minimum normalised probability (FineWeb: 0.65)")
+
+
+class GopherQualityConfig(StrictModel):
+    enabled: bool = True
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3
+    max_avg_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+    stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+class GopherRepetitionConfig(StrictModel):
+    enabled: bool = True
+    max_dup_line_frac: float = 0.3
+    max_dup_para_frac: float = 0.3
+    max_dup_line_char_frac: float = 0.2
+    max_dup_para_char_frac: float = 0.2
+    top_ngram_max_frac: dict[int, float] = {2: 0.2, 3: 0.18, 4: 0.16}
+    dup_ngram_max_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+class C4Config(StrictModel):
+    enabled: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = Field(True, description="drop lines not ending in terminal punctuation")
+    min_words_per_line: int = Field(3, description="drop lines with fewer words")
+    max_word_length: int = Field(1000, description="drop lines with a longer word")
+    min_num_sentences: int = Field(5, description="drop documents with fewer sentences left")
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = Field(True, description="drop lines mentioning javascript")
+    filter_curly_bracket: bool = Field(True, description="drop documents containing '{' (code)")
+    filter_policy: bool = Field(True, description="drop cookie/privacy/terms lines")
+
+
+class FineWebConfig(StrictModel):
+    enabled: bool = True
+    line_punct_thr: float = Field(0.12, description="drop if at most this fraction of lines end in punctuation")
+    short_line_thr: float = Field(0.67, description="drop if at least this fraction of lines are short")
+    short_line_length: int = 30
+    char_duplicates_ratio: float = Field(0.01, description="drop if more of the characters are in repeated lines")
+    new_line_ratio: float = Field(0.3, description="drop if newlines per word exceed this (list-like pages)")
+
+
+class FiltersConfig(StrictModel):
+    language: LanguageConfig = LanguageConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    c4: C4Config = C4Config()
+    fineweb: FineWebConfig = FineWebConfig()
+    preset: Literal["auto", "published", "code_docs"] = Field(
+        "auto", description="published: the papers' thresholds; code_docs: relaxed for code documentation; "
+                            "auto: code_docs when the only input is the built-in corpus, else published")
+
+
+PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    # The built-in corpus is Python documentation: prose mixed with code, signatures and examples.
+    # The web-text rules below would throw away most of it for being code-like (curly brackets,
+    # lines without final punctuation, repeated phrases such as "Return the ...") although it is
+    # clean, useful text. Everything not listed keeps its published value.
+    "code_docs": {
+        "c4": {"filter_curly_bracket": False, "filter_no_terminal_punct": False,
+               "min_words_per_line": 0, "min_num_sentences": 1},
+        "fineweb": {"char_duplicates_ratio": 0.1, "line_punct_thr": 0.0, "new_line_ratio": 0.5},
+        "gopher_repetition": {"max_dup_line_char_frac": 0.3, "max_dup_para_char_frac": 0.3,
+                              "dup_ngram_max_frac": {5: 0.3, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.2}},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "dup_ngram_max_frac" \
+                and key != "top_ngram_max_frac":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def effective_filters(cfg: FiltersConfig, preset: str) -> FiltersConfig:
+    """The preset's values under every field the user set explicitly (explicit settings win)."""
+    overrides = PRESET_OVERRIDES.get(preset, {})
+    if not overrides:
+        return cfg
+    explicit = cfg.model_dump(exclude_unset=True)
+    return FiltersConfig.model_validate(_deep_merge(overrides, explicit))
+
+
+# ---------------------------------------------------------------- language
+
+@lru_cache(maxsize=1)
+def _language_identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    # The first 10k characters decide: enough for a stable answer, bounded cost on huge documents.
+    lang, score = _language_identifier().classify(text[:10_000])
+    return str(lang), float(score)
+
+
+def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+    lang, score = identify_language(text)
+    if lang not in cfg.languages:
+        return f"language:not_{'_'.join(cfg.languages)}"
+    if score < cfg.min_score:
+        return "language:low_confidence"
+    return None
+
+
+# ---------------------------------------------------------------- Gopher
+
+def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
+    words = text.split()
+    n_words = len(words)
+    if n_words < cfg.min_doc_words:
+        return "gopher_quality:too_few_words"
+    if n_words > cfg.max_doc_words:
+        return "gopher_quality:too_many_words"
+    # Word lengths are measured on words with a letter or digit: lone punctuation is not a word.
+    real = [w for w in words if any(c.isalnum() for c in w)]
+    avg_len = sum(len(w) for w in real) / max(len(real), 1)
+    if avg_len < cfg.min_avg_word_length:
+        return "gopher_quality:short_words"
+    if avg_len > cfg.max_avg_word_length:
+        return "gopher_quality:long_words"
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if symbols / n_words > cfg.max_symbol_word_ratio:
+        return "gopher_quality:symbol_ratio"
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines:
+        bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "●", "*", "-")))
+        if bullets / len(lines) > cfg.max_bullet_lines_ratio:
+            return "gopher_quality:bullet_lines"
+        ellipsis = sum(1 for line in lines if line.rstrip().endswith(("...", "…")))
+        if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
+            return "gopher_quality:ellipsis_lines"
+    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+    if alpha / n_words < cfg.min_alpha_words_ratio:
+        return "gopher_quality:non_alpha_words"
+    stop = set(cfg.stop_words)
+    if sum(1 for w in words if w.lower() in stop) < cfg.min_stop_words:
+        return "gopher_quality:few_stop_words"
+    return None
+
+
+def _duplicate_stats(elements: list[str]) -> tuple[int, int]:
+    """(number of elements that repeat an earlier one, characters in them)."""
+    seen: set[str] = set()
+    dup_count = dup_chars = 0
+    for element in elements:
+        if element in seen:
+            dup_count += 1
+            dup_chars += len(element)
+        else:
+            seen.add(element)
+    return dup_count, dup_chars
+
+
+def _top_ngram_chars(words: list[str], n: int) -> int:
+    """Characters covered by the most frequent n-gram (its length times its count)."""
+    if len(words) < n:
+        return 0
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    gram, count = counts.most_common(1)[0]
+    return sum(len(w) for w in gram) * count if count > 1 else 0
+
+
+def _duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """Characters of words inside n-grams seen before (each word counted once)."""
+    seen: set[tuple[str, ...]] = set()
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            for j in range(i, i + n):
+                covered[j] = True
+        else:
+            seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered) if c)
+
+
+def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
+    total_chars = max(len(text), 1)
+    paragraphs = [p.strip() for p in _PARAGRAPHS.split(text) if p.strip()]
+    dup, dup_chars = _duplicate_stats(paragraphs)
+    if paragraphs and dup / len(paragraphs) > cfg.max_dup_para_frac:
+        return "gopher_repetition:dup_para_frac"
+    if dup_chars / total_chars > cfg.max_dup_para_char_frac:
+        return "gopher_repetition:dup_para_char_frac"
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    dup, dup_chars = _duplicate_stats(lines)
+    if lines and dup / len(lines) > cfg.max_dup_line_frac:
+        return "gopher_repetition:dup_line_frac"
+    if dup_chars / total_chars > cfg.max_dup_line_char_frac:
+        return "gopher_repetition:dup_line_char_frac"
+    words = text.split()
+    word_chars = max(sum(len(w) for w in words), 1)
+    for n, limit in sorted(cfg.top_ngram_max_frac.items()):
+        if _top_ngram_chars(words, n) / word_chars > limit:
+            return f"gopher_repetition:top_{n}gram"
+    for n, limit in sorted(cfg.dup_ngram_max_frac.items()):
+        if _duplicate_ngram_chars(words, n) / word_chars > limit:
+            return f"gopher_repetition:dup_{n}gram"
+    return None
+
+
+# ---------------------------------------------------------------- C4
+
+def c4_filter(text: str, cfg: C4Config) -> tuple[str, str | None]:
+    """(text with C4's bad lines removed, reason to drop the whole document or None)."""
+    lower = text.lower()
+    if cfg.filter_lorem_ipsum and "lorem ipsum" in lower:
+        return text, "c4:lorem_ipsum"
+    if cfg.filter_curly_bracket and "{" in text:
+        return text, "c4:curly_bracket"
+    kept_lines = []
+    for line in text.split("\n"):
+        if cfg.remove_citations:
+            line = _CITATION.sub("", line)
+        stripped = line.strip()
+        if not stripped:
+            kept_lines.append("")  # keep paragraph breaks
+            continue
+        words = stripped.split()
+        line_lower = stripped.lower()
+        if cfg.filter_no_terminal_punct and not stripped.endswith(TERMINAL_PUNCTUATION):
+            continue
+        if len(words) < cfg.min_words_per_line:
+            continue
+        if any(len(w) > cfg.max_word_length for w in words):
+            continue
+        if cfg.filter_javascript and "javascript" in line_lower:
+            continue
+        if cfg.filter_policy and any(p in line_lower for p in POLICY_SUBSTRINGS):
+            continue
+        kept_lines.append(line.rstrip())
+    cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(kept_lines)).strip()
+    if not cleaned:
+        return cleaned, "c4:no_lines_left"
+    if len(_SENTENCE_END.findall(cleaned)) < cfg.min_num_sentences:
+        return cleaned, "c4:too_few_sentences"
+    return cleaned, None
+
+
+# ---------------------------------------------------------------- FineWeb
+
+def fineweb_filter(text: str, cfg: FineWebConfig) -> str | None:
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if not lines:
+        return "fineweb:empty"
+    if sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines) <= cfg.line_punct_thr:
+        return "fineweb:line_punct_ratio"
+    if sum(len(line) <= cfg.short_line_length for line in lines) / len(lines) >= cfg.short_line_thr:
+        return "fineweb:short_line_ratio"
+    non_space_chars = max(len(text.replace(" ", "").replace("\n", "")), 1)
+    _, dup_chars = _duplicate_stats(lines)
+    if dup_chars / non_space_chars > cfg.char_duplicates_ratio:
+        return "fineweb:char_dup_ratio"
+    words = text.split()
+    if text.count("\n") / max(len(words), 1) > cfg.new_line_ratio:
+        return "fineweb:list_ratio"
+    return None
+
+
+def apply_filters(text: str, cfg: FiltersConfig) -> tuple[str, str | None]:
+    """Run the filters in FineWeb's order; (possibly edited text, first reason to drop or None)."""
+    if cfg.language.enabled and (reason := language_filter(text, cfg.language)):
+        return text, reason
+    if cfg.gopher_repetition.enabled and (reason := gopher_repetition(text, cfg.gopher_repetition)):
+        return text, reason
+    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, cfg.gopher_quality)):
+        return text, reason
+    if cfg.c4.enabled:
+        text, reason = c4_filter(text, cfg.c4)
+        if reason:
+            return text, reason
+    if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb)):
+        return text, reason
+    return text, None

@@ -1,0 +1,83 @@
+"""PII redaction: e-mail addresses, phone numbers, IP addresses and card-like numbers.
+
+Each match is replaced by a placeholder token and counted. Patterns are deliberately conservative
+(phone numbers need a recognisable layout, card numbers must pass the Luhn check, IPv4 octets must
+be <= 255) so version strings, dates and plain numbers in prose survive.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from pydantic import Field
+
+from pipelines.config import StrictModel
+
+PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "card": "<CARD_NUMBER>"}
+
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+# 13-19 digits, optionally grouped by single spaces or dashes (4-4-4-4, 4-6-5, ...).
+CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+# Any run of hex digits and colons with two colons; ipaddress decides, and at least three groups
+# are required so Python slices such as "a[::2]" are not taken for "::2".
+IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+# +CC and/or (area) then groups: "+1 (555) 123-4567", "555-123-4567", "+44 20 7946 0958".
+PHONE = re.compile(
+    r"(?<![\w+])(?<!\d[ .])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|[ .]\d)"
+)
+
+
+class PIIConfig(StrictModel):
+    enabled: bool = True
+    email: bool = Field(True, description="replace e-mail addresses with <EMAIL>")
+    phone: bool = Field(True, description="replace phone numbers with <PHONE>")
+    ip: bool = Field(True, description="replace IPv4/IPv6 addresses with <IP_ADDRESS>")
+    card: bool = Field(True, description="replace Luhn-valid 13-19 digit numbers with <CARD_NUMBER>")
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _is_ip(candidate: str) -> bool:
+    if ":" in candidate and sum(1 for group in candidate.split(":") if group) < 3:
+        return False
+    try:
+        ipaddress.ip_address(candidate)
+        return True
+    except ValueError:
+        return False
+
+
+def redact(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
+    """(text with PII replaced by placeholders, count per kind)."""
+    counts = {kind: 0 for kind in PLACEHOLDERS}
+    if not cfg.enabled:
+        return text, counts
+
+    def replace(kind: str, accept=None):
+        def substitute(match: re.Match) -> str:
+            if accept is not None and not accept(match.group(0)):
+                return match.group(0)
+            counts[kind] += 1
+            return PLACEHOLDERS[kind]
+        return substitute
+
+    # E-mail first (its digits must not look like phones); cards before phones (longer digit runs).
+    if cfg.email:
+        text = EMAIL.sub(replace("email"), text)
+    if cfg.card:
+        text = CARD.sub(replace("card", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
+    if cfg.ip:
+        text = IPV4.sub(replace("ip", _is_ip), text)
+        text = IPV6.sub(replace("ip", _is_ip), text)
+    if cfg.phone:
+        text = PHONE.sub(replace("phone"), text)
+    return text, counts
