@@ -25,3 +25,36 @@ def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype
     if device.type == "cuda":
         return torch.float16
     return None
+
+
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), used for MFU on GPUs.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "L40S": 362e12}
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                         size: int | None = None, repeats: int | None = None) -> float:
+    """Achieved FLOP/s of a square matmul on this device: the practical peak for MFU on CPUs."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    repeats = repeats or (10 if device.type == "cuda" else 8)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    import time
+
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)

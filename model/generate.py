@@ -188,6 +188,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]],
             logits = model(tokens)
             last = logits[torch.arange(len(seqs), device=device), lengths - 1]
         while active:
+            last = last.float().cpu()  # one device sync per step; sampling runs on the host
             events = []
             for slot, index in enumerate(active):
                 events.append(_advance(seqs[index], index, last[slot], config.max_seq_len))

@@ -90,7 +90,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                span: int = 0) -> torch.Tensor:
         batch, time, _ = x.shape
         q = self.wq(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, time, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -104,7 +105,6 @@ class Attention(nn.Module):
             # Write this step's keys/values at each row's own positions, then attend to the prefix.
             key_cache[rows[:, None], :, positions] = k.transpose(1, 2).to(key_cache.dtype)
             value_cache[rows[:, None], :, positions] = v.transpose(1, 2).to(value_cache.dtype)
-            span = int(positions.max()) + 1
             keys = key_cache[rows, :, :span].to(q.dtype)
             values = value_cache[rows, :, :span].to(q.dtype)
             visible = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
@@ -131,8 +131,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, rows=None, positions=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, rows, positions)
+    def forward(self, x, cos, sin, cache=None, rows=None, positions=None, span=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, rows, positions, span)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -177,8 +177,12 @@ class Transformer(nn.Module):
             if time > self.config.max_seq_len:
                 raise ValueError(f"sequence of {time} tokens exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(time, device=tokens.device).expand(batch, time)
-        elif int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        span = 0
+        if cache is not None:
+            # One host sync per forward (not per layer): the cache prefix every row may attend to.
+            span = int(positions.max()) + 1
+            if span > min(self.config.max_seq_len, cache.max_len):
+                raise ValueError(f"position {span - 1} exceeds the context ({min(self.config.max_seq_len, cache.max_len)})")
         if cache is not None and rows is None:
             rows = torch.arange(batch, device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -188,7 +192,7 @@ class Transformer(nn.Module):
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layer_cache, rows, positions if cache is not None else None)
+                x = layer(x, cos, sin, layer_cache, rows, positions if cache is not None else None, span)
         return self.output(self.norm(x))
 
 
