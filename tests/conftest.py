@@ -58,3 +58,65 @@ def serving_checkpoint(tmp_path_factory, builtin_tokenizer):
     torch.manual_seed(0)
     model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size))
     return save_checkpoint(model, tmp_path_factory.mktemp("serving") / "tiny", builtin_tokenizer)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout_s: float = 240.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def serving_app(ray_cluster, serving_checkpoint, tmp_path_factory):
+    """`groundup serve`'s deployment on the session cluster, on a free port, serving the tiny checkpoint
+    as models "tiny" and "tiny-2" (plus the UI at /ui when ui/app.py exists). Also deploys a second API
+    application at /secure with API keys ["test-key-1", "test-key-2"] and a rate limit of 5/minute.
+
+    Yields a namespace: base_url (http://127.0.0.1:PORT), api_url (base_url + "/v1"), secure_api_url,
+    ui_url (or None), config (serving.app.Config), models, api_keys, rate_limit_per_minute."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serving.app import Config, build_application, deploy, ui_available
+
+    port = _free_port()
+    database_url = f"sqlite:///{tmp_path_factory.mktemp('ui-store') / 'preferences.db'}"
+    config = Config(models=[f"tiny={serving_checkpoint}", f"tiny-2={serving_checkpoint}"], port=port,
+                    num_cpus=0.5, max_batch_size=8, default_max_tokens=32, ui=ui_available(),
+                    database_url=database_url, block=False)
+    urls = deploy(config)
+    secure = config.model_copy(update={"models": config.models[:1], "api_keys": ["test-key-1", "test-key-2"],
+                                       "rate_limit_per_minute": 5})
+    serve.run(build_application(secure), name="groundup-secure", route_prefix="/secure", blocking=False)
+    base_url = f"http://127.0.0.1:{port}"
+    _wait_healthy(f"{base_url}/health")
+    _wait_healthy(f"{base_url}/secure/health")
+    yield SimpleNamespace(base_url=base_url, api_url=f"{base_url}/v1", secure_api_url=f"{base_url}/secure/v1",
+                          ui_url=urls.get("ui") if config.ui else None, config=config, models=["tiny", "tiny-2"],
+                          api_keys=["test-key-1", "test-key-2"], rate_limit_per_minute=5)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serving_base_url(serving_app) -> str:
+    return serving_app.base_url

@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP API (FastAPI), the ingress of the Serve application.
+
+``build_api`` makes the FastAPI app from handles to the model deployments; :class:`OpenAIIngress` is
+the Serve deployment that builds it inside its replica (``__serve_build_asgi_app__``), so nothing
+unpicklable travels from the driver. Every error leaves as OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for client mistakes.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                             ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+                             CompletionRequest, CompletionResponse, Delta, ErrorBody, ErrorResponse,
+                             ModelCard, ModelList, Usage, new_id, unix_time)
+
+HEALTH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    max_context: dict[str, int]  # served model name -> context length (for /v1/models)
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    rate_limit_per_minute: int | None = None  # per API key (per client address without keys)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, param=param,
+                                                                 code=code), headers
+
+
+def error_response(status: int, body: ErrorBody, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
+
+
+@dataclass
+class RateLimiter:
+    """A sliding one-minute window of request times per caller."""
+
+    per_minute: int
+    calls: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+
+    def allow(self, caller: str, now: float | None = None) -> tuple[bool, float]:
+        now = time.monotonic() if now is None else now
+        window = self.calls[caller]
+        while window and now - window[0] >= 60.0:
+            window.popleft()
+        if len(window) >= self.per_minute:
+            return False, 60.0 - (now - window[0])
+        window.append(now)
+        return True, 0.0
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request: it is not valid JSON.", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc:
+        return "The request body must be a JSON object.", None
+    # Drop pydantic's union-branch names ("str", "list[int]") so the param reads like the field.
+    param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return message, param or None
+
+
+def _sse(payload: Any) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
+    """The FastAPI app; ``models`` maps a served name to a handle of its ModelServer deployment."""
+    app = FastAPI(title="groundup", description="OpenAI-compatible API for groundup models")
+    limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return error_response(err.status, err.body, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return error_response(400, ErrorBody(message=message, type="invalid_request_error", param=param,
+                                             code="invalid_value" if param else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return error_response(err.status_code, ErrorBody(message=str(err.detail), type="invalid_request_error",
+                                                         code=code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        return error_response(500, ErrorBody(message=f"internal error: {type(err).__name__}", type="server_error"))
+
+    async def guard(request: Request) -> None:
+        """Bearer key check (when keys are configured) and the per-key rate limit."""
+        caller = request.client.host if request.client else "unknown"
+        if settings.api_keys:
+            header = request.headers.get("authorization", "")
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                               code="invalid_api_key")
+            key = key.strip()
+            if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            caller = key
+        if limiter is not None:
+            allowed, retry_after = limiter.allow(caller)
+            if not allowed:
+                raise ApiError(429, f"Rate limit reached: {limiter.per_minute} requests per minute.",
+                               type="requests", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, round(retry_after)))})
+
+    def handle_for(name: str):
+        if name not in models:
+            raise ApiError(404, f"The model '{name}' does not exist. Served models: {', '.join(sorted(models))}.",
+                           param="model", code="model_not_found")
+        return models[name]
+
+    @app.get("/health")
+    async def health():
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in models.values())), HEALTH_TIMEOUT_S)
+        except Exception as err:
+            raise ApiError(503, f"a model deployment is not ready: {type(err).__name__}", type="server_error")
+        return {"status": "ok", "models": sorted(models)}
+
+    @app.get("/v1/models", dependencies=[Depends(guard)])
+    async def list_models() -> ModelList:
+        created = unix_time()
+        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=settings.max_context.get(name))
+                               for name in sorted(models)])
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(guard)])
+    async def get_model(name: str) -> ModelCard:
+        handle_for(name)
+        return ModelCard(id=name, created=unix_time(), max_model_len=settings.max_context.get(name))
+
+    async def open_stream(request: CompletionRequest | ChatCompletionRequest):
+        """Start generation; returns (header, the rest of the stream) or raises ApiError."""
+        stream = handle_for(request.model).options(stream=True).generate.remote(request)
+        try:
+            header = await stream.__anext__()
+        except Exception as err:
+            stream.cancel()
+            raise ApiError(503, f"model '{request.model}' failed to start generating: {type(err).__name__}",
+                           type="server_error") from None
+        if hasattr(header, "message"):  # RequestRejected
+            raise ApiError(400, header.message, param=header.param, code=header.code)
+        return header, stream
+
+    async def collect(stream) -> tuple[dict[int, str], dict[int, str | None], dict[int, int]]:
+        texts, finish, tokens = defaultdict(str), {}, defaultdict(int)
+        async for batch in stream:
+            for choice, event in batch:
+                texts[choice] += event.text
+                tokens[choice] = event.completion_tokens
+                if event.finish_reason is not None:
+                    finish[choice] = event.finish_reason
+        return texts, finish, tokens
+
+    def usage(header, tokens: dict[int, int]) -> Usage:
+        prompt = sum(header.prompt_tokens)
+        completion = sum(tokens.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def streaming(chunks: AsyncIterator[bytes], stream) -> StreamingResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as err:  # mid-stream failure: tell the client in-band, then end cleanly
+                yield _sse({"error": ErrorBody(message=f"generation failed: {type(err).__name__}",
+                                               type="server_error").model_dump()})
+            finally:
+                stream.cancel()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions", dependencies=[Depends(guard)])
+    async def completions(request: CompletionRequest):
+        header, stream = await open_stream(request)
+        response_id, created = new_id("cmpl"), unix_time()
+        if not request.stream:
+            texts, finish, tokens = await collect(stream)
+            return CompletionResponse(
+                id=response_id, created=created, model=request.model, usage=usage(header, tokens),
+                choices=[CompletionChoice(index=i, text=texts[i], finish_reason=finish.get(i))
+                         for i in range(header.choices)])
+
+        async def chunks():
+            tokens: dict[int, int] = {}
+            open_choices = header.choices
+            async for batch in stream:
+                for choice, event in batch:
+                    tokens[choice] = event.completion_tokens
+                    open_choices -= event.finish_reason is not None
+                    if event.text or event.finish_reason:
+                        chunk = CompletionResponse(
+                            id=response_id, created=created, model=request.model,
+                            choices=[CompletionChoice(index=choice, text=event.text,
+                                                      finish_reason=event.finish_reason)],
+                            usage=usage(header, tokens) if open_choices == 0 else None).model_dump()
+                        if chunk["usage"] is None:
+                            chunk.pop("usage")
+                        yield _sse(chunk)
+            if (request.stream_options or {}).get("include_usage"):
+                yield _sse(CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
+                                              usage=usage(header, tokens)).model_dump())
+
+        return streaming(chunks(), stream)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
+    async def chat_completions(request: ChatCompletionRequest):
+        header, stream = await open_stream(request)
+        response_id, created = new_id("chatcmpl"), unix_time()
+        if not request.stream:
+            texts, finish, tokens = await collect(stream)
+            return ChatCompletionResponse(
+                id=response_id, created=created, model=request.model, usage=usage(header, tokens),
+                choices=[ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish.get(i))
+                         for i in range(header.choices)])
+
+        def chunk(choices: list[ChatChunkChoice], usage_now: Usage | None = None) -> bytes:
+            body = ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=choices,
+                                       usage=usage_now).model_dump()
+            if usage_now is None:
+                body.pop("usage")
+            for choice in body["choices"]:  # OpenAI leaves unset delta fields out
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            return _sse(body)
+
+        async def chunks():
+            yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                         for i in range(header.choices)])
+            tokens: dict[int, int] = {}
+            open_choices = header.choices
+            async for batch in stream:
+                for choice, event in batch:
+                    tokens[choice] = event.completion_tokens
+                    open_choices -= event.finish_reason is not None
+                    if event.text or event.finish_reason:
+                        # The last chunk carries usage too, so clients that ignore stream_options see it.
+                        yield chunk([ChatChunkChoice(index=choice, delta=Delta(content=event.text or None),
+                                                     finish_reason=event.finish_reason)],
+                                    usage(header, tokens) if open_choices == 0 else None)
+            if (request.stream_options or {}).get("include_usage"):
+                yield chunk([], usage(header, tokens))
+
+        return streaming(chunks(), stream)
+
+    return app
+
+
+class OpenAIIngress:
+    """The Serve ingress deployment (decorated in serving.app): builds the FastAPI app in its replica."""
+
+    def __init__(self, models: dict[str, Any], settings: ApiSettings):
+        self.models, self.settings = models, settings
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.models, self.settings)

@@ -1,0 +1,305 @@
+"""``groundup serve``: models behind an OpenAI-compatible API (and the rating UI), on Ray Serve.
+
+One Serve application, ``groundup``: the FastAPI ingress (:mod:`serving.api`) plus one
+:class:`~serving.model_server.ModelServer` deployment per model, each with its own replicas or
+autoscaling and CPU/GPU resources. The UI is a second application, ``groundup-ui``, at ``/ui`` with
+exactly one replica (Gradio sessions are not sticky across replicas); it reaches the API over HTTP
+like any other client. ``serving/serve_config.yaml`` deploys the same two applications with
+``serve deploy`` through :func:`app_builder` and :func:`ui_app_builder`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.cli import Flag
+from pipelines.config import ConfigError, StageConfig, StrictModel, build_config
+
+API_APP_NAME = "groundup"
+UI_APP_NAME = "groundup-ui"
+UI_ROUTE_PREFIX = "/ui"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+class ModelEntry(StrictModel):
+    """A served model: its public name and a checkpoint directory (ours or a Hugging Face export)."""
+
+    name: str
+    path: str
+    format: Literal["groundup", "hf"] = "groundup"
+    max_context: int = 0
+
+    @staticmethod
+    def parse(spec: str) -> dict[str, str]:
+        """``NAME=PATH`` -> the entry's fields (checked when the entry is validated)."""
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"model {spec!r} is not of the form NAME=PATH")
+        return {"name": name, "path": path}
+
+    @model_validator(mode="after")
+    def _check_directory(self) -> "ModelEntry":
+        from model.config import ModelConfig
+
+        if not _NAME.match(self.name):
+            raise ValueError(f"model {self.name!r}: names may use letters, digits and . _ : -")
+        directory = Path(self.path).expanduser()
+        where = f"model {self.name}={self.path}"
+        if not directory.is_dir():
+            raise ValueError(f"{where}: no such directory")
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{where}: no config.json (not a checkpoint, or an incomplete one)")
+        try:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: config.json is not valid JSON") from None
+        if not (directory / "tokenizer.model").is_file():
+            raise ValueError(f"{where}: no tokenizer.model beside the weights")
+        if "architectures" in data:  # a Hugging Face export
+            if data.get("model_type") != "llama":
+                raise ValueError(f"{where}: Hugging Face model_type {data.get('model_type')!r}; only llama")
+            if not list(directory.glob("*.safetensors")):
+                raise ValueError(f"{where}: no .safetensors weights")
+            object.__setattr__(self, "format", "hf")
+            object.__setattr__(self, "max_context", int(data.get("max_position_embeddings", 2048)))
+        else:
+            if not (directory / "model.safetensors").is_file():
+                raise ValueError(f"{where}: no model.safetensors")
+            try:
+                config = ModelConfig(**data)
+            except Exception as err:
+                raise ValueError(f"{where}: config.json is not a model config ({str(err).splitlines()[0]})") from None
+            object.__setattr__(self, "format", "groundup")
+            object.__setattr__(self, "max_context", config.max_seq_len)
+        object.__setattr__(self, "path", str(directory.resolve()))
+        return self
+
+
+class Autoscaling(StrictModel):
+    """Serve's autoscaling_config for each model deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0, description="concurrent requests per replica to aim for")
+
+    @model_validator(mode="after")
+    def _order(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class Config(StageConfig):
+    models: list[ModelEntry] = Field(default_factory=list, description="NAME=PATH checkpoint directories")
+    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+    replicas: int = Field(1, ge=1, description="replicas per model when autoscaling is off")
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share a GPU)")
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="KV-cache rows: sequences decoded together per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests queued per model replica")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it out")
+    device: str | None = Field(None, description="cuda, cpu, ...; default: CUDA when present")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no authentication")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per minute per API key")
+    ui: bool = Field(True, description="serve the rating UI at /ui (needs ui/app.py)")
+    ui_api_url: str | None = Field(None, description="API base the UI calls; default: this server's /v1")
+    database_url: str | None = Field(None, description="the UI's preference store; default: sqlite in the run dir")
+    block: bool = Field(True, description="wait for Ctrl-C after deploying")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return [ModelEntry.parse(v) if isinstance(v, str) else v for v in value or []]
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return [k for k in value.split(",") if k] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "Config":
+        if not self.models:
+            raise ValueError("give at least one model: --model NAME=PATH")
+        names = [m.name for m in self.models]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise ValueError(f"model name {duplicate!r} is given twice")
+        return self
+
+    @property
+    def api_base(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        if "://" in self.run:
+            raise ConfigError("database_url is required when the run directory is not local")
+        return f"sqlite:///{Path(self.run).resolve() / 'ui' / 'preferences.db'}"
+
+
+CLI_FLAGS: tuple[Flag, ...] = (
+    Flag(("--model",), "models", "NAME=PATH of a checkpoint directory (repeat for several models)",
+         {"action": "append", "metavar": "NAME=PATH"}),
+    Flag(("--port",), "port", "HTTP port", {"type": int}),
+    Flag(("--host",), "host", "HTTP host (0.0.0.0 for every interface)"),
+    Flag(("--replicas",), "replicas", "replicas per model", {"type": int}),
+    Flag(("--num-gpus",), "num_gpus", "GPUs per model replica", {"type": float}),
+    Flag(("--api-key",), "api_keys", "require this Bearer key (repeat for several)", {"action": "append"}),
+    Flag(("--ui",), "ui", "serve the rating UI at /ui", {"action": argparse.BooleanOptionalAction}),
+    Flag(("--database-url",), "database_url", "the UI's preference store (SQLAlchemy URL)"),
+)
+
+
+# ---- Serve applications -------------------------------------------------------------------------------
+def build_application(config: Config):
+    """The API application: the OpenAI ingress bound to one ModelServer deployment per model."""
+    from ray import serve
+
+    from serving.api import ApiSettings, OpenAIIngress
+    from serving.model_server import ModelServer
+
+    scaling: dict[str, Any] = {"num_replicas": config.replicas}
+    if config.autoscaling is not None:
+        scaling = {"num_replicas": "auto", "autoscaling_config": config.autoscaling.model_dump()}
+    handles = {}
+    for entry in config.models:
+        deployment = serve.deployment(ModelServer).options(
+            name=f"model-{entry.name}", max_ongoing_requests=config.max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}, **scaling)
+        handles[entry.name] = deployment.bind(entry.name, entry.path, config.max_batch_size,
+                                              config.default_max_tokens, config.device)
+    settings = ApiSettings(max_context={m.name: m.max_context for m in config.models},
+                           api_keys=tuple(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute)
+    ingress = serve.deployment(serve.ingress()(OpenAIIngress)).options(
+        name="openai-api", num_replicas=config.ingress_replicas, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus})
+    return ingress.bind(handles, settings)
+
+
+def ui_available() -> bool:
+    return importlib.util.find_spec("ui.app") is not None
+
+
+class UIServer:
+    """The rating UI as one replica: ``ui.app.build_app`` runs inside the replica (a built Gradio app
+    does not pickle), and the API is reached over HTTP like any client."""
+
+    def __init__(self, api_url: str, database_url: str):
+        self.api_url, self.database_url = api_url, database_url
+
+    def __serve_build_asgi_app__(self):
+        from ui.app import build_app
+
+        app = build_app(api_url=self.api_url, database_url=self.database_url)
+
+        async def at_site_root(scope, receive, send):
+            # Serve sets root_path to the route prefix ("/ui"); build_app already mounts Gradio at /ui,
+            # so present the request as if served at the root to keep the UI at /ui, not /ui/ui.
+            if scope["type"] in ("http", "websocket"):
+                scope = {**scope, "root_path": ""}
+            await app(scope, receive, send)
+
+        return at_site_root
+
+
+def build_ui_application(config: Config):
+    from ray import serve
+
+    api_url = config.ui_api_url or f"{config.api_base}/v1"
+    deployment = serve.deployment(serve.ingress()(UIServer)).options(
+        name="ui", num_replicas=1, ray_actor_options={"num_cpus": config.ingress_num_cpus})
+    return deployment.bind(api_url, config.resolved_database_url())
+
+
+def _config_from_args(args: dict[str, Any]) -> Config:
+    return build_config(Config, values=dict(args or {}))
+
+
+def app_builder(args: dict[str, Any]):
+    """``import_path: serving.app:app_builder`` in a Serve config file; ``args`` are Config fields."""
+    return build_application(_config_from_args(args))
+
+
+def ui_app_builder(args: dict[str, Any]):
+    return build_ui_application(_config_from_args(args))
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+def _metrics_url() -> str | None:
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def deploy(config: Config) -> dict[str, str]:
+    """Start Serve on the running Ray cluster and deploy the API (and the UI); returns the URLs."""
+    from ray import serve
+
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray()
+    serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
+    serve.run(build_application(config), name=API_APP_NAME, route_prefix=config.route_prefix, blocking=False)
+    urls = {"api": f"{config.api_base}/v1", "health": f"{config.api_base}/health"}
+    if config.ui:
+        if ui_available():
+            serve.run(build_ui_application(config), name=UI_APP_NAME, route_prefix=UI_ROUTE_PREFIX, blocking=False)
+            host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+            urls["ui"] = f"http://{host}:{config.port}{UI_ROUTE_PREFIX}/"
+        else:
+            urls["ui"] = "not served: ui/app.py is not installed (use --no-ui to silence this)"
+    metrics = _metrics_url()
+    if metrics:
+        urls["metrics"] = metrics
+    return urls
+
+
+def run(config: Config) -> dict[str, Any]:
+    from ray import serve
+
+    urls = deploy(config)
+    models = ", ".join(f"{m.name} ({m.format}, context {m.max_context})" for m in config.models)
+    print(f"serving {models}")
+    for label, url in urls.items():
+        print(f"  {label:8s} {url}")
+    if config.block:
+        print("press Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            for name in (UI_APP_NAME, API_APP_NAME):
+                try:
+                    serve.delete(name)
+                except Exception:
+                    pass
+            raise
+    return {"stage": "serve", "urls": urls, "models": [m.model_dump() for m in config.models]}
+
+
+if __name__ == "__main__":
+    from pipelines.cli import stage_main
+
+    stage_main("serve")
