@@ -1,0 +1,219 @@
+"""Serving throughput and latency, side by side in one run; prints ONE JSON line.
+
+Over HTTP against `groundup serve` (Ray Serve, continuous batching) at several concurrencies, versus
+(a) the same requests one at a time in-process through ``model.generate`` — the batching gain — and
+(b) Hugging Face transformers' ``generate`` on the exported model with the same settings.
+Untrained "10m" weights; greedy; EOS ignored so every answer has exactly ``max_tokens`` tokens.
+
+    python benchmarks/bench_serving.py [--max-tokens 32] [--concurrency 1 4 16] [--threads 1]
+
+The model replica gets ``--threads`` CPUs (Ray sets its thread count from them) and the in-process
+baselines run with the same number of torch threads, so the comparison is like for like.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = ["The history of", "Once upon a time there was", "Rivers flow into", "Science is", "In the morning",
+           "Numbers like 12 and", "A short note about", "The best way to learn"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(latencies: list[float], ttfts: list[float] | None, tokens: int, elapsed: float) -> dict:
+    out = {"tokens_per_s": round(tokens / elapsed, 1), "p50_latency_s": round(percentile(latencies, 0.5), 4),
+           "p95_latency_s": round(percentile(latencies, 0.95), 4), "requests": len(latencies)}
+    if ttfts:
+        out["p50_ttft_s"] = round(percentile(ttfts, 0.5), 4)
+        out["p95_ttft_s"] = round(percentile(ttfts, 0.95), 4)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_checkpoints(workdir: Path, device) -> tuple[Path, Path, object]:
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.hf import export_hf
+    from model.llama import Transformer
+    from model.tokenizer import train_tokenizer
+    from pipelines.data.builtin import iter_builtin_documents
+
+    tokenizer = train_tokenizer([d["text"] for d in iter_builtin_documents()], workdir / "tokenizer",
+                                vocab_size=4096)
+    torch.manual_seed(0)
+    model = Transformer(preset("10m", vocab_size=tokenizer.vocab_size))
+    checkpoint = save_checkpoint(model, workdir / "checkpoint", tokenizer)
+    hf_dir = export_hf(model, workdir / "hf", tokenizer)
+    return checkpoint, hf_dir, tokenizer
+
+
+async def http_level(api_url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    import httpx
+
+    latencies, ttfts, tokens = [], [], 0
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(client, index: int):
+        nonlocal tokens
+        body = {"model": "bench", "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        async with semaphore:
+            start = time.perf_counter()
+            first = None
+            async with client.stream("POST", f"{api_url}/completions", json=body) as response:
+                assert response.status_code == 200, await response.aread()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                        first = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            latencies.append(time.perf_counter() - start)
+            ttfts.append(first if first is not None else latencies[-1])
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one(client, 0)  # warm-up (not counted)
+        latencies, ttfts, tokens = [], [], 0
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(requests)))
+        elapsed = time.perf_counter() - start
+    assert tokens == requests * max_tokens, (tokens, requests * max_tokens)
+    return summary(latencies, ttfts, tokens, elapsed)
+
+
+def in_process_level(checkpoint: Path, tokenizer, requests: int, max_tokens: int, device) -> dict:
+    import torch
+
+    from model.checkpoint import load_model
+    from model.generate import SamplingParams, generate_stream
+
+    model = load_model(checkpoint, device)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=())
+    prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)], bos=True) for i in range(requests)]
+    list(generate_stream(model, prompts[:1], params, tokenizer))  # warm-up
+    latencies, ttfts, tokens = [], [], 0
+    start = time.perf_counter()
+    for prompt in prompts:  # one at a time, as a server without batching would
+        began, first = time.perf_counter(), None
+        for events in generate_stream(model, [prompt], params, tokenizer):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first = first if first is not None else time.perf_counter() - began
+            tokens += len(events)
+        latencies.append(time.perf_counter() - began)
+        ttfts.append(first)
+    return summary(latencies, ttfts, tokens, time.perf_counter() - start)
+
+
+def hf_level(hf_dir: Path, tokenizer, requests: int, max_tokens: int, device) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(device).eval()
+    prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)], bos=True) for i in range(requests)]
+    settings = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0]], device=device), **settings)  # warm-up
+        latencies, tokens = [], 0
+        start = time.perf_counter()
+        for prompt in prompts:
+            began = time.perf_counter()
+            out = model.generate(torch.tensor([prompt], device=device), **settings)
+            tokens += out.shape[1] - len(prompt)
+            latencies.append(time.perf_counter() - began)
+    return summary(latencies, None, tokens, time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency (min 8)")
+    parser.add_argument("--baseline-requests", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="CPUs for the model replica and the baselines")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+
+    from model.device import pick_device
+
+    torch.set_num_threads(args.threads)
+    device = pick_device()
+    result: dict = {"benchmark": "serving", "preset": "10m", "device": str(device), "max_tokens": args.max_tokens,
+                    "threads": args.threads, "max_batch_size": args.max_batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, hf_dir, tokenizer = build_checkpoints(Path(tmp), device)
+
+        result["in_process_sequential"] = in_process_level(checkpoint, tokenizer, args.baseline_requests,
+                                                           args.max_tokens, device)
+        try:
+            result["hf_transformers_sequential"] = hf_level(hf_dir, tokenizer, args.baseline_requests,
+                                                            args.max_tokens, device)
+        except ImportError as err:
+            result["hf_transformers_sequential"] = f"missing: {err}"
+
+        from ray import serve
+
+        from pipelines.ray_env import ensure_ray
+        from serving.app import Config, deploy
+
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ensure_ray(num_cpus=max(4, args.threads + 2))
+        port = free_port()
+        config = Config(models=[f"bench={checkpoint}"], port=port, ui=False, block=False,
+                        num_cpus=args.threads, num_gpus=1 if device.type == "cuda" else 0,
+                        max_batch_size=args.max_batch_size, max_ongoing_requests=256)
+        deploy(config)
+        api_url = f"http://127.0.0.1:{port}/v1"
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        served = {}
+        for concurrency in args.concurrency:
+            requests = args.requests_per_level or max(8, 2 * concurrency)
+            served[f"c{concurrency}"] = asyncio.run(http_level(api_url, concurrency, requests, args.max_tokens))
+        result["served_http"] = served
+        serve.shutdown()
+
+    base = result["in_process_sequential"]["tokens_per_s"]
+    result["batching_gain_vs_in_process"] = {k: round(v["tokens_per_s"] / base, 2) for k, v in served.items()}
+    hf = result["hf_transformers_sequential"]
+    if isinstance(hf, dict):
+        result["gain_vs_hf_transformers"] = {k: round(v["tokens_per_s"] / hf["tokens_per_s"], 2)
+                                             for k, v in served.items()}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
