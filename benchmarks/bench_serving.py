@@ -129,6 +129,34 @@ def in_process_level(checkpoint: Path, tokenizer, requests: int, max_tokens: int
     return summary(latencies, ttfts, tokens, time.perf_counter() - start)
 
 
+def engine_level(checkpoint: Path, tokenizer, requests: int, max_tokens: int, device, max_batch_size: int) -> dict:
+    """The serving engine in-process, all requests submitted at once: batching without HTTP or Ray."""
+    from model.checkpoint import load_model
+    from model.generate import SamplingParams
+    from serving.engine import Engine
+
+    engine = Engine(load_model(checkpoint, device), tokenizer, max_batch_size)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=())
+    prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)], bos=True) for i in range(requests)]
+    engine.submit(prompts[0], params, lambda event: None)
+    engine.run_until_idle()  # warm-up
+    start, tokens, latencies, ttfts = time.perf_counter(), 0, {}, {}
+
+    def record(index: int):
+        def on_event(event) -> None:
+            nonlocal tokens
+            tokens += event.token_id is not None
+            ttfts.setdefault(index, time.perf_counter() - start)
+            if event.finish_reason is not None:
+                latencies[index] = time.perf_counter() - start
+        return on_event
+
+    for index, prompt in enumerate(prompts):
+        engine.submit(prompt, params, record(index))
+    engine.run_until_idle()
+    return summary(list(latencies.values()), list(ttfts.values()), tokens, time.perf_counter() - start)
+
+
 def hf_level(hf_dir: Path, tokenizer, requests: int, max_tokens: int, device) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,6 +199,10 @@ def main() -> None:
 
         result["in_process_sequential"] = in_process_level(checkpoint, tokenizer, args.baseline_requests,
                                                            args.max_tokens, device)
+        top = max(args.concurrency)
+        result[f"engine_in_process_c{top}"] = engine_level(checkpoint, tokenizer, args.requests_per_level or
+                                                           max(8, 2 * top), args.max_tokens, device,
+                                                           args.max_batch_size)
         try:
             result["hf_transformers_sequential"] = hf_level(hf_dir, tokenizer, args.baseline_requests,
                                                             args.max_tokens, device)
@@ -208,6 +240,8 @@ def main() -> None:
 
     base = result["in_process_sequential"]["tokens_per_s"]
     result["batching_gain_vs_in_process"] = {k: round(v["tokens_per_s"] / base, 2) for k, v in served.items()}
+    result[f"engine_gain_vs_in_process_c{top}"] = round(
+        result[f"engine_in_process_c{top}"]["tokens_per_s"] / base, 2)
     hf = result["hf_transformers_sequential"]
     if isinstance(hf, dict):
         result["gain_vs_hf_transformers"] = {k: round(v["tokens_per_s"] / hf["tokens_per_s"], 2)
