@@ -277,6 +277,8 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     """
     import ray
 
+    # A few partitions per CPU: the default (hundreds) costs seconds of scheduling on small corpora.
+    partitions = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     signed = kept.select_columns(["id", "text"]).map_batches(
         _Signer, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=64,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
@@ -284,7 +286,7 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     seconds = float(signed.sum("t_dedup") or 0.0) if signed.count() else 0.0
     dup_groups: list[list[str]] = []
     if cfg.exact:
-        grouped = signed.select_columns(["id", "exact_hash"]).groupby("exact_hash").map_groups(
+        grouped = signed.select_columns(["id", "exact_hash"]).groupby("exact_hash", num_partitions=partitions).map_groups(
             _exact_group, batch_format="numpy")
         dup_groups = sorted(row["ids"].split("\t") for row in grouped.take_all())
     exact_removed = {d for g in dup_groups for d in g if d != min(g)}
@@ -293,7 +295,7 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     if cfg.near:
         bands = signed.select_columns(["id", "signature", "band_keys"]).flat_map(
             _explode_bands, fn_kwargs={"skip": exact_removed})
-        pairs = bands.groupby("key").map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
+        pairs = bands.groupby("key", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
         edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
         candidate_pairs = len(edges)
         if cfg.verify == "exact" and edges:

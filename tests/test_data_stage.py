@@ -1,0 +1,108 @@
+"""The whole data stage on the session's two-node Ray cluster, and the CLI's handling of bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import build_config
+from pipelines.data.builtin import iter_builtin_documents
+
+
+def write_corpus(root: Path) -> dict[str, str]:
+    """Built-in docs as JSONL plus planted duplicates, hostile lines, a truncated archive and HTML."""
+    docs = [d for d in iter_builtin_documents() if d["id"].startswith("pydoc:")][:60]
+    lines = [json.dumps({"text": d["text"], "origin": d["id"]}) for d in docs]
+    lines.append(json.dumps({"text": docs[0]["text"].upper()}))           # exact duplicate of line 1
+    words = docs[1]["text"].split(" ")
+    words[len(words) // 2] = "CHANGED"
+    lines.append(json.dumps({"text": " ".join(words)}))                   # near duplicate of line 2
+    lines += ["{broken json", json.dumps({"no_text": 1}), "[1]"]
+    (root / "docs.jsonl").write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
+    more = b"".join(json.dumps({"text": d["text"]}).encode() + b"\n" for d in docs[:3])
+    (root / "cut.jsonl.gz").write_bytes(gzip.compress(more * 4)[:-40])   # truncated archive
+    (root / "page.html").write_text(
+        f"<html><body><nav>Home | Login</nav><article><p>{docs[5]['text'][:2000]}</p></article></body></html>")
+    return {"exact": "docs.jsonl:61", "near": "docs.jsonl:62"}
+
+
+def run_stage(inputs: list[str], run: Path):
+    from pipelines.data.stage import Config, run as run_data
+
+    config = build_config(Config, values={"inputs": inputs, "run": str(run)}, overrides=[
+        "filters.preset=code_docs", "tokenizer.vocab_size=512", "pack.sequence_length=64",
+        "pack.rows_per_shard=200", "pack.validation_fraction=0.1"])
+    return run_data(config)
+
+
+@pytest.mark.ray
+def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    planted = write_corpus(corpus)
+    first = run_stage([str(corpus)], tmp_path / "run1")
+    second = run_stage([str(corpus)], tmp_path / "run2")
+
+    counts = first["counts"]
+    assert counts["documents_in"] == counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]
+    assert sum(counts["by_reason"].values()) == counts["documents_in"] - counts["kept"]
+    for reason in ("quarantine:malformed_json", "quarantine:missing_text_field", "quarantine:not_a_json_object",
+                   "quarantine:invalid_utf8", "quarantine:truncated_archive"):
+        assert counts["by_reason"].get(reason) == 1, reason
+    dups = first["figures"]["dedup"]["duplicates"]
+    # The archive repeats documents 1-3; the smallest id of each group is kept.
+    assert dups[f"corpus/{planted['exact']}"] == dups["corpus/docs.jsonl:1"]
+    assert dups[f"corpus/{planted['near']}"] == dups["corpus/docs.jsonl:2"]
+    assert dups["corpus/docs.jsonl:1"].startswith("corpus/cut.jsonl.gz:")
+
+    data = tmp_path / "run1" / "data"
+    rejects = pq.read_table(data / "rejects").to_pylist()
+    assert len(rejects) == counts["documents_in"] - counts["kept"]
+    assert {r["reason"] for r in rejects} == set(counts["by_reason"])
+    assert all(r["location"] for r in rejects)
+    reason_of = {r["id"]: r["reason"] for r in rejects}
+    assert reason_of[f"corpus/{planted['exact']}"] == "dedup:exact"
+    assert reason_of[f"corpus/{planted['near']}"] == "dedup:near"
+
+    out = first["outputs"]
+    assert out["eos_id"] == 3 and out["dtype"] == "uint16" and out["tokenizer"] == "tokenizer/tokenizer.model"
+    assert (data / out["tokenizer"]).is_file() and (data / out["funnel_png"]).read_bytes()[:4] == b"\x89PNG"
+    documents = 0
+    for split in ("train", "validation"):
+        info = out["splits"][split]
+        assert info["documents"] > 0 and info["bytes"] > 0
+        rows = [np.load(data / shard["path"]) for shard in info["shards"]]
+        assert all(r.shape[1] == 65 and r.dtype == np.uint16 for r in rows)
+        assert sum(len(r) for r in rows) == info["rows"]
+        stream = np.concatenate(rows).reshape(-1)
+        assert int((stream == 3).sum()) == info["documents"] + info["padding_tokens"]
+        assert info["tokens"] == len(stream) - info["padding_tokens"]
+        documents += info["documents"]
+        shard_bytes = [(data / s["path"]).read_bytes() for s in info["shards"]]
+        again = [(tmp_path / "run2" / "data" / s["path"]).read_bytes() for s in second["outputs"]["splits"][split]["shards"]]
+        assert shard_bytes == again
+    assert documents == counts["kept"]
+    assert (data / out["tokenizer"]).read_bytes() == (tmp_path / "run2" / "data" / out["tokenizer"]).read_bytes()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.data", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input", "/definitely/missing.jsonl", "--run", "RUN"], "/definitely/missing.jsonl"),
+    (["--input", "builtin", "--run", "RUN", "dedup.bands=100"], "dedup"),
+    (["--input", "builtin", "--run", "RUN", "filters.c4.no_such_rule=1"], "filters.c4.no_such_rule"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    result = _cli(*[a.replace("RUN", str(tmp_path / "run")) for a in args], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
