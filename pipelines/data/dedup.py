@@ -280,9 +280,7 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     # A few partitions per CPU: the default (hundreds) costs seconds of scheduling on small corpora.
     partitions = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     signed = kept.select_columns(["id", "text"]).map_batches(
-        _Signer, fn_constructor_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=64,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
-    ).materialize()
+        _Signer(cfg), batch_format="numpy", batch_size=64).materialize()
     seconds = float(signed.sum("t_dedup") or 0.0) if signed.count() else 0.0
     dup_groups: list[list[str]] = []
     if cfg.exact:

@@ -14,9 +14,10 @@ the manifest can count drops per filter and rule.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
+
+import numpy as np
 
 from pydantic import Field
 
@@ -203,27 +204,42 @@ def _duplicate_stats(elements: list[str]) -> tuple[int, int]:
     return dup_count, dup_chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
+def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """64-bit hash of every word n-gram (polynomial over word ids; collisions are negligible)."""
+    count = len(word_ids) - n + 1
+    hashes = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
+        for k in range(n):
+            hashes = hashes * np.uint64(0x100000001B3) + word_ids[k:k + count]
+    return hashes
+
+
+def _top_ngram_chars(word_ids: np.ndarray, cum_len: np.ndarray, n: int) -> int:
     """Characters covered by the most frequent n-gram (its length times its count)."""
-    if len(words) < n:
+    if len(word_ids) < n:
         return 0
-    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, count = counts.most_common(1)[0]
-    return sum(len(w) for w in gram) * count if count > 1 else 0
+    values, first, counts = np.unique(_ngram_hashes(word_ids, n), return_index=True, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < 2:
+        return 0
+    start = int(first[top])
+    return int(cum_len[start + n] - cum_len[start]) * int(counts[top])
 
 
-def _duplicate_ngram_chars(words: list[str], n: int) -> int:
+def _duplicate_ngram_chars(word_ids: np.ndarray, word_len: np.ndarray, n: int) -> int:
     """Characters of words inside n-grams seen before (each word counted once)."""
-    seen: set[tuple[str, ...]] = set()
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            for j in range(i, i + n):
-                covered[j] = True
-        else:
-            seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c)
+    if len(word_ids) < n:
+        return 0
+    hashes = _ngram_hashes(word_ids, n)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    repeated = np.nonzero(first[inverse] != np.arange(len(hashes)))[0]
+    if len(repeated) == 0:
+        return 0
+    marks = np.zeros(len(word_ids) + 1, dtype=np.int64)
+    np.add.at(marks, repeated, 1)
+    np.add.at(marks, repeated + n, -1)
+    covered = np.cumsum(marks[:-1]) > 0
+    return int(word_len[covered].sum())
 
 
 def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
@@ -241,12 +257,17 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
     if dup_chars / total_chars > cfg.max_dup_line_char_frac:
         return "gopher_repetition:dup_line_char_frac"
     words = text.split()
-    word_chars = max(sum(len(w) for w in words), 1)
+    vocabulary: dict[str, int] = {}
+    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in words), dtype=np.uint64,
+                           count=len(words))
+    word_len = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    cum_len = np.concatenate([[0], np.cumsum(word_len)])
+    word_chars = max(int(cum_len[-1]), 1)
     for n, limit in sorted(cfg.top_ngram_max_frac.items()):
-        if _top_ngram_chars(words, n) / word_chars > limit:
+        if _top_ngram_chars(word_ids, cum_len, n) / word_chars > limit:
             return f"gopher_repetition:top_{n}gram"
     for n, limit in sorted(cfg.dup_ngram_max_frac.items()):
-        if _duplicate_ngram_chars(words, n) / word_chars > limit:
+        if _duplicate_ngram_chars(word_ids, word_len, n) / word_chars > limit:
             return f"gopher_repetition:dup_{n}gram"
     return None
 

@@ -1,0 +1,154 @@
+"""Data stage throughput, with the ceilings it is measured against, in one run; prints ONE JSON line.
+
+    python benchmarks/bench_data.py [--copies 4] [--num-cpus N]
+
+Measures end-to-end MB/s per core of ``groundup data`` on the built-in corpus and on a larger one
+(the built-in corpus replicated with word-level perturbations, so near duplicates exist), each
+step's share of the worker CPU time, and side by side on one core: datasketch MinHash the plain way
+(``update`` per shingle), the stage's MinHash path, raw sentencepiece encode, and the stage's
+tokenize-and-pack UDF.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines.config import build_config  # noqa: E402
+from pipelines.data.builtin import iter_builtin_documents  # noqa: E402
+
+
+def perturbed_corpus(directory: Path, copies: int, seed: int = 0) -> Path:
+    """Built-in docs plus ``copies`` perturbed replicas (1-3% of words replaced or dropped)."""
+    rng = random.Random(seed)
+    lines = []
+    docs = list(iter_builtin_documents())
+    for copy in range(copies + 1):
+        for doc in docs:
+            words = doc["text"].split(" ")
+            if copy:
+                for _ in range(max(1, int(len(words) * rng.uniform(0.01, 0.03)))):
+                    i = rng.randrange(len(words))
+                    if rng.random() < 0.5:
+                        words[i] = rng.choice(words)
+                    else:
+                        words.pop(i)
+            lines.append(json.dumps({"text": " ".join(words), "copy": copy}))
+    path = directory / "perturbed.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    return path
+
+
+def run_stage(inputs: list[str], run: str, overrides: list[str]) -> tuple[dict, float]:
+    from pipelines.data.stage import Config, run as run_data
+
+    config = build_config(Config, values={"inputs": inputs, "run": run}, overrides=overrides)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        manifest = run_data(config)
+    return manifest, time.perf_counter() - started
+
+
+def stage_figures(manifest: dict, wall: float, cores: int) -> dict:
+    mb = manifest["counts"]["bytes_in"] / 1e6
+    cpu = manifest["figures"]["cpu_seconds_by_step"]
+    total_cpu = sum(cpu.values()) or 1.0
+    return {
+        "mb_in": round(mb, 3), "documents_in": manifest["counts"]["documents_in"],
+        "kept": manifest["counts"]["kept"], "duplicates": manifest["counts"]["duplicates"],
+        "wall_s": round(wall, 2), "mb_per_s_per_core": round(mb / wall / cores, 4),
+        "phases_s": manifest["timings"]["phases_s"],
+        "step_cpu_share": {k: round(v / total_cpu, 3) for k, v in cpu.items()},
+        "step_mb_per_s_per_core": {k: round(mb / v, 2) for k, v in cpu.items() if v > 0},
+    }
+
+
+def ceilings(texts: list[str], model_bytes: bytes) -> dict:
+    from datasketch import MinHash
+
+    from model.tokenizer import Tokenizer
+    from pipelines.data.dedup import DedupConfig, band_keys, minhash_signature, new_minhash, shingle_hashes
+    from pipelines.data.pack import TokenizeBatch
+
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    sample = texts[: max(1, len(texts) // 8)]  # the plain datasketch way is slow: time an eighth
+    sample_mb = sum(len(t.encode("utf-8")) for t in sample) / 1e6
+    started = time.perf_counter()
+    for text in sample:
+        words = text.lower().split()
+        m = MinHash(num_perm=112)
+        for i in range(max(1, len(words) - 4)):
+            m.update(" ".join(words[i:i + 5]).encode("utf-8"))
+    plain = sample_mb / (time.perf_counter() - started)
+
+    cfg = DedupConfig()
+    prototype = new_minhash(cfg)
+    started = time.perf_counter()
+    for text in texts:
+        band_keys(minhash_signature(shingle_hashes(text, 5), prototype), cfg.bands, cfg.rows_per_band)
+    ours = mb / (time.perf_counter() - started)
+
+    tokenizer = Tokenizer.from_bytes(model_bytes)
+    started = time.perf_counter()
+    for start in range(0, len(texts), 128):
+        tokenizer.sp.encode(texts[start:start + 128], out_type=int, num_threads=1)  # one core, like the UDF
+    raw_encode = mb / (time.perf_counter() - started)
+    udf = TokenizeBatch(model_bytes, 0, set())
+    ids = np.array([str(i) for i in range(len(texts))], dtype=object)
+    started = time.perf_counter()
+    for start in range(0, len(texts), 128):
+        udf({"id": ids[start:start + 128], "text": np.array(texts[start:start + 128], dtype=object)})
+    ours_tok = mb / (time.perf_counter() - started)
+    return {
+        "datasketch_update_per_shingle_mb_s": round(plain, 3),
+        "stage_minhash_signature_mb_s": round(ours, 3),
+        "sentencepiece_encode_mb_s": round(raw_encode, 3),
+        "stage_tokenize_udf_mb_s": round(ours_tok, 3),
+        "tokenize_vs_raw_encode": round(ours_tok / raw_encode, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--copies", type=int, default=4, help="perturbed replicas in the larger corpus")
+    parser.add_argument("--num-cpus", type=int, default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray(args.num_cpus)
+    import ray
+
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        builtin, wall = run_stage(["builtin"], str(tmp_path / "builtin"), [])
+        small = stage_figures(builtin, wall, cores)
+        corpus = perturbed_corpus(tmp_path, args.copies)
+        larger, wall = run_stage([str(corpus)], str(tmp_path / "larger"),
+                                 ["filters.preset=code_docs", f"tokenizer.path={tmp_path}/builtin/data/tokenizer"])
+        large = stage_figures(larger, wall, cores)
+        model_bytes = (tmp_path / "builtin" / "data" / "tokenizer" / "tokenizer.model").read_bytes()
+    texts = [d["text"] for d in iter_builtin_documents()]
+    result = {
+        "benchmark": "data", "cores": cores, "builtin": small, "larger": large,
+        "near_dup_dedup_mb_per_s_per_core": large["step_mb_per_s_per_core"].get("dedup"),
+        "ceilings_one_core": ceilings(texts, model_bytes),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
