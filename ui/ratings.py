@@ -5,7 +5,7 @@ beats each answer in a worse group, answers in one group tie (half a win each). 
 the same model say nothing about models and are skipped, as are "all bad" votes.
 
 The strengths ``p`` maximise the Bradley–Terry likelihood ``P(i beats j) = p_i / (p_i + p_j)``, fitted
-with Hunter's MM iteration. A weak prior (``prior_games`` drawn games against a fixed reference
+by Newton's method on log p (the likelihood is concave). A weak prior (``prior_games`` drawn games against a fixed reference
 player of strength 1) keeps every strength finite when a model never wins or never loses. Ratings are
 ``1000 + 400 log10(p / geometric mean of p)`` so that 400 points mean 10:1 odds, as in Elo.
 Confidence intervals come from resampling whole votes with replacement (seeded).
@@ -66,35 +66,52 @@ def pairwise_outcomes(vote: VoteRecord) -> list[PairOutcome]:
     return outcomes
 
 
-def _tables(per_vote: Sequence[list[PairOutcome]], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(wins[i], games[i, j]) summed over votes; ties add half a win to each side."""
+def _per_vote_tables(per_vote: Sequence[list[PairOutcome]], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(wins[v, i], games[v, i, j]) for each vote v; ties add half a win to each side."""
     n = len(index)
-    wins = np.zeros(n)
-    games = np.zeros((n, n))
-    for outcomes in per_vote:
+    wins = np.zeros((len(per_vote), n))
+    games = np.zeros((len(per_vote), n, n))
+    for v, outcomes in enumerate(per_vote):
         for o in outcomes:
             i, j = index[o.first], index[o.second]
-            wins[i] += o.score
-            wins[j] += 1.0 - o.score
-            games[i, j] += 1.0
-            games[j, i] += 1.0
+            wins[v, i] += o.score
+            wins[v, j] += 1.0 - o.score
+            games[v, i, j] += 1.0
+            games[v, j, i] += 1.0
     return wins, games
 
 
-def fit_strengths(wins: np.ndarray, games: np.ndarray, prior_games: float = 1.0,
-                  max_iter: int = 10_000, tol: float = 1e-10) -> np.ndarray:
-    """Bradley–Terry strengths by MM (Hunter 2004), with ``prior_games`` drawn games per model
-    against a reference player of strength 1."""
-    n = len(wins)
-    p = np.ones(n)
-    numerator = wins + prior_games / 2.0
+def _log_likelihood(theta: np.ndarray, wins: np.ndarray, games: np.ndarray, prior_games: float) -> float:
+    # sum_i (w_i + prior/2) theta_i - sum_{i<j} g_ij log(e^theta_i + e^theta_j) - prior sum_i log(e^theta_i + 1)
+    pair = np.logaddexp(theta[:, None], theta[None, :])
+    return float((wins + prior_games / 2) @ theta - 0.5 * (games * pair).sum()
+                 - prior_games * np.logaddexp(theta, 0.0).sum())
+
+
+def fit_strengths(wins: np.ndarray, games: np.ndarray, prior_games: float = 1.0, max_iter: int = 100,
+                  tol: float = 1e-10, start: np.ndarray | None = None) -> np.ndarray:
+    """Bradley–Terry strengths ``p`` by Newton's method on ``log p`` (the likelihood is concave), with
+    ``prior_games`` drawn games per model against a reference player of strength 1."""
+    theta = np.zeros(len(wins)) if start is None else np.log(start)
+    current = _log_likelihood(theta, wins, games, prior_games)
     for _ in range(max_iter):
-        denominator = (games / (p[:, None] + p[None, :])).sum(axis=1) + prior_games / (p + 1.0)
-        updated = numerator / denominator
-        if np.max(np.abs(np.log(updated) - np.log(p))) < tol:
-            return updated
-        p = updated
-    return p
+        beats = 1.0 / (1.0 + np.exp(theta[None, :] - theta[:, None]))  # P(i beats j)
+        beats_anchor = 1.0 / (1.0 + np.exp(-theta))
+        gradient = wins + prior_games / 2 - (games * beats).sum(axis=1) - prior_games * beats_anchor
+        curvature = games * beats * beats.T
+        hessian = curvature - np.diag(curvature.sum(axis=1) + prior_games * beats_anchor * (1 - beats_anchor))
+        # Without a prior the likelihood ignores a common shift: pinv steps orthogonally to it.
+        step = -np.linalg.pinv(hessian) @ gradient
+        size = 1.0
+        while size > 1e-6:  # backtrack so that every step improves the likelihood
+            candidate = _log_likelihood(theta + size * step, wins, games, prior_games)
+            if candidate >= current - 1e-12:
+                break
+            size /= 2
+        theta, current = theta + size * step, candidate
+        if np.max(np.abs(size * step)) < tol:
+            break
+    return np.exp(theta)
 
 
 def to_elo(strengths: np.ndarray) -> np.ndarray:
@@ -110,17 +127,21 @@ def compute_ratings(votes: Iterable[VoteRecord], bootstrap: int = 200, seed: int
     if not models:
         return []
     index = {m: i for i, m in enumerate(models)}
-    wins, games = _tables(per_vote, index)
-    rating = to_elo(fit_strengths(wins, games, prior_games))
+    vote_wins, vote_games = _per_vote_tables(per_vote, index)
+    wins, games = vote_wins.sum(axis=0), vote_games.sum(axis=0)
+    strengths = fit_strengths(wins, games, prior_games)
+    rating = to_elo(strengths)
 
     low, high = rating.copy(), rating.copy()
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         samples = np.empty((bootstrap, len(models)))
         for b in range(bootstrap):
-            picks = rng.integers(0, len(per_vote), size=len(per_vote))
-            b_wins, b_games = _tables([per_vote[k] for k in picks], index)
-            samples[b] = to_elo(fit_strengths(b_wins, b_games, prior_games))
+            # Resample whole votes: a vote's implied pairs are not independent of each other.
+            times = np.bincount(rng.integers(0, len(per_vote), size=len(per_vote)), minlength=len(per_vote))
+            b_wins = times @ vote_wins
+            b_games = np.tensordot(times, vote_games, axes=1)
+            samples[b] = to_elo(fit_strengths(b_wins, b_games, prior_games, start=strengths))
         tail = (1.0 - confidence) / 2.0 * 100.0
         low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
 
