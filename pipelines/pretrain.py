@@ -1,0 +1,282 @@
+"""``groundup pretrain``: next-token prediction on the data stage's packed shards.
+
+The training machinery (Ray Train workers each driving a DeepSpeed engine, checkpoints, resume,
+metrics) is the shared core in ``pipelines/train``; this module only adds the pretraining Task
+(batches of packed rows, the next-token loss, bits per byte, samples, the safetensors export) and the
+stage's config and outputs.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pipelines.cli import Flag, stage_main
+from pipelines.config import ConfigError, StageConfig
+from pipelines.rundir import RunDir, new_manifest
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import (BatchOrder, PackedShards, bits_per_byte, eval_rows, shards_from_manifest,
+                                  unigram_bits_per_byte)
+
+STAGE = "pretrain"
+RAY_RUN_NAME = "ray"  # <run>/pretrain/ray/: Ray Train's checkpoints and state
+
+
+class Config(StageConfig):
+    model: str = Field("10m", description="model preset (model.config.PRESETS)")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to change, e.g. n_layers")
+    sequence_length: int | None = Field(None, ge=8, description="training context (default: the data's sequence_length)")
+    train: TrainConfig = TrainConfig()
+    resume: bool = Field(False, description="continue the run's latest complete checkpoint")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started by this stage (default: all)")
+
+
+CLI_FLAGS = (
+    Flag(("--run",), "run", "run directory holding data/ (outputs go to <run>/pretrain/)"),
+    Flag(("--model",), "model", "model preset: 1m, 10m, 125m, 350m, 1.3b"),
+    Flag(("--seed",), "seed", "seed for initial weights and data order", {"type": int}),
+    Flag(("--workers",), "train.num_workers", "Ray Train workers", {"type": int}),
+    Flag(("--steps",), "train.length.steps", "train for this many optimizer steps", {"type": int}),
+    Flag(("--tokens",), "train.length.tokens", "train on this many tokens", {"type": int}),
+    Flag(("--flops",), "train.length.flops", "compute budget in FLOPs (6·N·D)", {"type": float}),
+    Flag(("--tokens-per-parameter",), "train.length.tokens_per_parameter", "tokens per parameter (20 = Chinchilla)",
+         {"type": float}),
+    Flag(("--zero",), "train.zero.stage", "DeepSpeed ZeRO stage 0-3", {"type": int}),
+    Flag(("--precision",), "train.precision.dtype", "auto, bf16, fp16 or fp32"),
+    Flag(("--lr",), "train.optimizer.lr", "peak learning rate", {"type": float}),
+    Flag(("--resume",), "resume", "continue from the latest complete checkpoint", {"action": "store_const", "const": True}),
+)
+
+
+@dataclass
+class PretrainTask:
+    """Packed rows -> next-token cross entropy. Picklable: ships paths, never arrays or models."""
+
+    model_fields: dict[str, Any]
+    train_shards: PackedShards
+    validation_shards: PackedShards
+    order: BatchOrder
+    validation_tokens: int
+    validation_bytes: int
+    tokenizer_path: str
+    eval_max_rows: int
+    sample_count: int
+    sample_tokens: int
+    seed: int
+    name: str = STAGE
+
+    def model_config(self):
+        from model.config import ModelConfig
+
+        return ModelConfig(**self.model_fields)
+
+    def build_model(self) -> torch.nn.Module:
+        from model.llama import Transformer
+
+        return Transformer(self.model_config())
+
+    def train_micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> list[torch.Tensor]:
+        return [self.train_shards.rows(rows) for rows in self.order.micro_batches(step, rank, world, micro_batch_size)]
+
+    def loss(self, model, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        from model.llama import language_model_loss
+
+        batch = batch.to(device, non_blocking=True)
+        return language_model_loss(model(batch[:, :-1]), batch[:, 1:])
+
+    def eval_batches(self, rank: int, world: int, micro_batch_size: int) -> list[torch.Tensor]:
+        rows = eval_rows(self.validation_shards.num_rows, self.eval_max_rows, rank, world)
+        return [self.validation_shards.rows(rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+
+    def eval_loss_sum(self, model, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        return loss, batch[:, 1:].numel()
+
+    def eval_summary(self, mean_loss: float) -> dict[str, float]:
+        return {"val_loss": mean_loss, "val_perplexity": math.exp(min(mean_loss, 50.0)),
+                "val_bits_per_byte": bits_per_byte(mean_loss, self.validation_tokens, self.validation_bytes)}
+
+    def _model_from(self, state_dict: dict[str, torch.Tensor]):
+        from model.llama import Transformer
+
+        model = Transformer(self.model_config())
+        model.load_state_dict(state_dict, strict=False)  # a tied output weight may be absent
+        return model.eval()
+
+    def samples(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        from model.generate import SamplingParams, generate
+        from model.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(self.tokenizer_path)
+        prompts = [self.validation_shards.rows([i])[0, :8].tolist()
+                   for i in range(min(self.sample_count, self.validation_shards.num_rows))]
+        if not prompts:
+            return []
+        params = SamplingParams(max_new_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=self.seed)
+        completions = generate(self._model_from(state_dict), prompts, params, tokenizer)
+        return [tokenizer.decode(p) + " ⟶ " + c.text for p, c in zip(prompts, completions)]
+
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+        from model.checkpoint import save_checkpoint
+        from model.tokenizer import Tokenizer
+
+        save_checkpoint(self._model_from(state_dict), directory, Tokenizer.load(self.tokenizer_path),
+                        metadata={"stage": STAGE})
+
+    def data_position(self, step: int) -> dict[str, int]:
+        return self.order.position(step)
+
+
+def _read_data(run: RunDir) -> tuple[dict[str, Any], Path]:
+    manifest = run.read_manifest("data")
+    outputs = manifest.get("outputs", {})
+    missing = [k for k in ("tokenizer", "vocab_size", "sequence_length", "splits") if k not in outputs]
+    if missing:
+        raise ConfigError(f"run {run.uri}: data/manifest.json lacks outputs {missing} (re-run `groundup data`)")
+    for split in ("train", "validation"):
+        if split not in outputs["splits"] or not outputs["splits"][split].get("shards"):
+            raise ConfigError(f"run {run.uri}: the data stage wrote no {split} shards")
+    return outputs, run.local_path("data")
+
+
+def prepare(config: Config):
+    """Driver-side: model config, data, plan and DeepSpeed config. Raises ConfigError on bad input."""
+    from model.config import PRESETS, preset
+    from pipelines.train.deepspeed_config import deepspeed_config
+    from pipelines.train.loop import LoopSpec
+    from pipelines.train.plan import make_plan, resolve_precision
+
+    if config.model not in PRESETS:
+        raise ConfigError(f"config field 'model': unknown preset {config.model!r} (choose {', '.join(PRESETS)})")
+    run = RunDir(config.run)
+    data, data_dir = _read_data(run)
+    seq = config.sequence_length or int(data["sequence_length"])
+    if seq > int(data["sequence_length"]):
+        raise ConfigError(f"config field 'sequence_length': {seq} exceeds the data's rows ({data['sequence_length']})")
+    try:
+        model_config = preset(config.model, **{"vocab_size": int(data["vocab_size"]), "max_seq_len": seq,
+                                               **config.model_overrides})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config field 'model_overrides': {str(err).splitlines()[0]}") from None
+    if model_config.vocab_size < int(data["vocab_size"]):
+        raise ConfigError(f"config field 'model_overrides.vocab_size': smaller than the tokenizer's {data['vocab_size']}")
+
+    import torch
+
+    has_gpu = torch.cuda.is_available() if config.train.use_gpu is None else config.train.use_gpu
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(config.train.precision.dtype, has_gpu, gpu_bf16)
+    plan = make_plan(config.train, seq, model_config.flops_per_token(seq), model_config.num_parameters, precision)
+    splits = data["splits"]
+    train_shards = shards_from_manifest(data_dir, splits["train"], seq)
+    validation_shards = shards_from_manifest(data_dir, splits["validation"], seq)
+    try:
+        order = BatchOrder(train_shards.num_rows, plan.global_batch_sequences, config.seed)
+    except ValueError as err:
+        raise ConfigError(f"config field 'train.batch.global_batch_tokens': {err}") from None
+    eval_cfg = config.train.eval
+    task = PretrainTask(model_fields=model_config.model_dump(), train_shards=train_shards,
+                        validation_shards=validation_shards, order=order,
+                        validation_tokens=int(splits["validation"]["tokens"]),
+                        validation_bytes=int(splits["validation"]["bytes"]),
+                        tokenizer_path=str(data_dir / data["tokenizer"]), eval_max_rows=eval_cfg.max_rows,
+                        sample_count=eval_cfg.samples, sample_tokens=eval_cfg.sample_tokens, seed=config.seed)
+    spec = LoopSpec(task=task, train=config.train, plan=plan, deepspeed=deepspeed_config(config.train, plan),
+                    out_dir=str(run.local_path(STAGE)), seed=config.seed)
+    return spec, model_config, data, has_gpu
+
+
+def run(config: Config) -> dict[str, Any]:
+    started = time.time()
+    spec, model_config, data, use_gpu = prepare(config)
+    run_dir = RunDir(config.run)
+    plan = spec.plan
+    print(f"pretrain: model {config.model}: {model_config.describe()}", flush=True)
+    print(f"pretrain: {plan.describe()}", flush=True)
+    print(f"pretrain: {spec.task.order.steps_per_epoch} steps per epoch of {spec.task.train_shards.num_rows} rows "
+          f"({plan.total_steps / spec.task.order.steps_per_epoch:.2f} epochs)", flush=True)
+
+    from pipelines.ray_env import ensure_ray
+    from pipelines.train.trainer import fit, prepare_storage
+
+    storage = str(run_dir.local_path(STAGE))
+    resumed = prepare_storage(storage, RAY_RUN_NAME, config.resume)
+    out = run_dir.local_path(STAGE)
+    if not resumed:
+        for stale in ("metrics.jsonl", "tensorboard"):
+            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    ensure_ray(config.num_cpus)
+    mark = time.perf_counter()
+    result = fit(spec, storage, RAY_RUN_NAME, use_gpu)
+    train_seconds = time.perf_counter() - mark
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    return finish(config, spec, model_config, data, result, started, train_seconds, resumed)
+
+
+def finish(config: Config, spec, model_config, data, result, started: float, train_seconds: float,
+           resumed: bool) -> dict[str, Any]:
+    from model.checkpoint import copy_checkpoint
+    from pipelines.train.checkpoint import EXPORT_DIR, read_trainer_state
+    from pipelines.train.metrics import CURVES_FILE, METRICS_FILE, plot_curves, read_metrics
+
+    run_dir = RunDir(config.run)
+    out = run_dir.local_path(STAGE)
+    with result.checkpoint.as_directory() as directory:
+        state = read_trainer_state(Path(directory))
+        staging = out / "model.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        copy_checkpoint(Path(directory) / EXPORT_DIR, staging)
+    final_model = out / "model"
+    shutil.rmtree(final_model, ignore_errors=True)
+    staging.rename(final_model)  # the stable path later stages and `groundup serve` use
+
+    records = read_metrics(out / METRICS_FILE)
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    last_eval = evals[-1] if evals else {}
+    plot_curves(records, out / CURVES_FILE, f"pretrain {config.model} — {config.run}")
+    seq = spec.plan.sequence_length
+    unigram = unigram_bits_per_byte(spec.task.train_shards, int(data["splits"]["train"]["bytes"]),
+                                    int(data["vocab_size"]))
+    steps_done = int(state["step"])
+    measured = [r for r in train_records[1:] if r["step"] > 1] or train_records
+    tokens_per_s = (sum(r["tokens_per_s"] for r in measured) / len(measured)) if measured else None
+    mfus = [r["mfu"] for r in measured if r.get("mfu") is not None]
+    figures = {
+        "final_train_loss": train_records[-1]["loss"] if train_records else None,
+        "val_loss": last_eval.get("val_loss"), "val_perplexity": last_eval.get("val_perplexity"),
+        "val_bits_per_byte": last_eval.get("val_bits_per_byte"),
+        "unigram_bits_per_byte": unigram,
+        "mean_tokens_per_s": tokens_per_s, "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
+    }
+    manifest = new_manifest(
+        STAGE, config, started,
+        inputs={"data_manifest": run_dir.uri_of("data", "manifest.json")},
+        outputs={"model": "model", "metrics": METRICS_FILE, "tensorboard": "tensorboard", "curves_png": CURVES_FILE,
+                 "checkpoint": str(result.checkpoint.path), "model_config": model_config.model_dump(),
+                 "plan": spec.plan.to_dict(), "deepspeed_config": spec.deepspeed},
+        counts={"steps": steps_done, "tokens": steps_done * spec.plan.tokens_per_step,
+                "flops": steps_done * spec.plan.tokens_per_step * spec.plan.flops_per_token,
+                "parameters": model_config.num_parameters, "sequence_length": seq},
+        figures=figures, timings={"train_s": round(train_seconds, 3), "resumed": resumed},
+    )
+    run_dir.write_manifest(STAGE, manifest)
+    shown = ", ".join(f"{k} {figures[k]:.4f}" for k in ("final_train_loss", "val_loss", "val_bits_per_byte")
+                      if figures[k] is not None)
+    print(f"pretrain: done — {steps_done} steps, {shown} (unigram entropy {unigram:.4f} bits/byte); "
+          f"model at {final_model}", flush=True)
+    return manifest
+
+
+if __name__ == "__main__":
+    stage_main(STAGE)

@@ -1,0 +1,203 @@
+"""The generic training loop every Ray Train worker runs: a DeepSpeed engine driven by a Task.
+
+A Task supplies what differs between pretraining, SFT and reward modelling (the model, the batches,
+the loss, the validation figures, the export); this loop owns everything they share: engine set-up,
+gradient accumulation, the schedule, evaluation, checkpoints and restore, metrics and fault drills.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from pipelines.train.checkpoint import (EXPORT_DIR, gather_full_state_dict, load_training_state,
+                                        save_training_state)
+from pipelines.train.config import TrainConfig
+from pipelines.train.metrics import MetricsLogger
+from pipelines.train.plan import TrainPlan
+from pipelines.train.schedule import make_schedule
+
+
+class Task(Protocol):
+    """The task-specific part of training. Must be picklable (it travels to every worker)."""
+
+    name: str
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def train_micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> Sequence[Any]: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor: ...
+
+    def eval_batches(self, rank: int, world: int, micro_batch_size: int) -> Sequence[Any]: ...
+
+    def eval_loss_sum(self, model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]: ...
+
+    def eval_summary(self, mean_loss: float) -> dict[str, float]: ...
+
+    def samples(self, state_dict: dict[str, torch.Tensor]) -> list[str]: ...
+
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path) -> None: ...
+
+    def data_position(self, step: int) -> dict[str, int]: ...
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs, built once on the driver."""
+
+    task: Any  # a Task
+    train: TrainConfig
+    plan: TrainPlan
+    deepspeed: dict[str, Any]
+    out_dir: str  # rank 0 writes metrics.jsonl and TensorBoard events here
+    seed: int
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; norms' gains are left alone (as in GPT-2/Llama training)."""
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
+    fault = spec.train.fault
+    if fault.crash_at_step is None or step != fault.crash_at_step or rank != fault.crash_rank:
+        return
+    marker = Path(spec.out_dir) / f"fault-injected-step{step}-rank{rank}"
+    if marker.exists():  # crash once: the restarted worker goes through
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("injected\n")
+    print(f"[fault] rank {rank} exits abruptly at step {step} (fault injection)", flush=True)
+    os._exit(1)
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def evaluate(engine, task: Task, rank: int, world: int, micro: int, device: torch.device) -> dict[str, float]:
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in task.eval_batches(rank, world, micro):
+            loss_sum, count = task.eval_loss_sum(engine, batch, device)
+            totals += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+    engine.train()
+    totals = _all_reduce_sum(totals.to(device)).cpu()
+    return task.eval_summary(float(totals[0] / max(totals[1], 1)))
+
+
+def train_worker(spec: LoopSpec) -> None:
+    """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    config, plan, task = spec.train, spec.plan, spec.task
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = config.activation_checkpointing
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(_decay_groups(model, opt.weight_decay), lr=opt.lr,
+                                  betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    schedule = make_schedule(config.schedule, plan.total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=spec.deepspeed, dist_init_required=False,
+        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(engine, Path(directory), rank)
+        start_step = state["step"]
+        if rank == 0:
+            print(f"[{task.name}] restored step {start_step} from checkpoint {checkpoint.path}", flush=True)
+
+    from pipelines.train.peak import device_peak_flops
+
+    peak, _ = device_peak_flops(device, plan.precision) if rank == 0 else (0.0, "")
+    logger = MetricsLogger(Path(spec.out_dir), plan.total_steps, plan.tokens_per_step, plan.flops_per_token,
+                           peak * world, config.log_every, start_step, enabled=rank == 0, prefix=task.name)
+    stop_at = min(plan.total_steps, config.stop_at_step or plan.total_steps)
+    last_eval: dict[str, float] = {}
+    last_train: dict[str, Any] = {}
+    engine.train()
+    step = start_step
+    while step < stop_at:
+        _maybe_inject_fault(spec, step + 1, rank)
+        started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        batches = task.train_micro_batches(step, rank, world, plan.micro_batch_size)
+        for batch in batches:
+            loss = task.loss(engine, batch, device)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        loss_mean = float(_all_reduce_sum(loss_sum / len(batches)) / world)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step += 1
+        last_train = logger.step(step, loss_mean, lr, grad_norm, time.perf_counter() - started)
+
+        is_last = step == stop_at
+        if step % config.eval.every_steps == 0 or step == plan.total_steps:
+            last_eval = evaluate(engine, task, rank, world, plan.micro_batch_size, device)
+            samples: list[str] = []
+            if config.eval.samples:
+                weights = gather_full_state_dict(engine, config.zero.stage)
+                samples = task.samples(weights) if weights is not None else []
+            logger.evaluation(step, last_eval, samples)
+        if step % config.checkpoint.every_steps == 0 or is_last:
+            _report_checkpoint(engine, task, spec, rank, step, {**_scalars(last_train), **last_eval})
+    logger.close()
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("kind", "time") and v is not None}
+
+
+def _report_checkpoint(engine, task: Task, spec: LoopSpec, rank: int, step: int, metrics: dict[str, Any]) -> None:
+    """Collective: every rank saves its part and reports; Ray registers the checkpoint once all uploaded."""
+    import ray.train
+
+    directory = Path(tempfile.mkdtemp(prefix=f"{task.name}-ckpt-{step}-rank{rank}-"))
+    try:
+        save_training_state(engine, directory, rank, {"step": step, "data_position": task.data_position(step),
+                                                      "world_size": spec.plan.world_size})
+        if spec.train.checkpoint.export_weights:
+            weights = gather_full_state_dict(engine, spec.train.zero.stage)
+            if weights is not None:
+                task.export(weights, directory / EXPORT_DIR)
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=f"checkpoint-step{step:08d}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

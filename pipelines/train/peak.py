@@ -1,0 +1,38 @@
+"""The device peak that MFU is measured against: the GPU's datasheet figure, or this CPU's measured
+matmul rate (there is no reliable datasheet number for a shared, frequency-scaling CPU)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from model.device import GPU_PEAK_BF16, datasheet_peak, measure_matmul_flops
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_peak(precision: str = "bf16", threads: int | None = None) -> float:
+    """Achieved FLOP/s of a large square matmul in ``precision`` with ``threads`` torch threads."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        measure_matmul_flops(PRECISION_DTYPES[precision], "cpu", size=1024, repeats=4)  # warm up
+        return max(measure_matmul_flops(PRECISION_DTYPES[precision], "cpu", size=1024, repeats=8) for _ in range(2))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def device_peak_flops(device: torch.device, precision: str = "bf16") -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if device.type == "cuda":
+        peak = datasheet_peak(device)
+        if peak is not None:
+            # Datasheet dense bf16/fp16 tensor-core peak; fp32 runs as TF32 at half that rate.
+            return (peak / 2 if precision == "fp32" else peak), f"datasheet {torch.cuda.get_device_name(device)}"
+        return measure_matmul_flops(PRECISION_DTYPES[precision], device), "measured matmul"
+    return cpu_matmul_peak(precision, torch.get_num_threads()), f"measured CPU {precision} matmul, {torch.get_num_threads()} threads"
+
+
+__all__ = ["GPU_PEAK_BF16", "cpu_matmul_peak", "device_peak_flops"]

@@ -1,0 +1,70 @@
+"""Build and run the Ray Train ``TorchTrainer`` whose workers run ``loop.train_worker``.
+
+Checkpoints live under ``<storage_path>/<name>/``. Ray Train restores its checkpoint bookkeeping from
+there when a run with the same storage path and name starts again, so ``--resume`` is "start the same
+run again"; a fresh start first moves the old directory out of the way.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from pipelines.config import ConfigError
+from pipelines.train.loop import LoopSpec, train_worker
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = spec.train
+    resources = {"CPU": config.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=spec,
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+
+def prepare_storage(storage_path: str, name: str, resume: bool) -> bool:
+    """True when a previous run exists to resume. Without ``resume`` an old run is set aside, not reused."""
+    run_dir = Path(storage_path) / name
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not exists:
+            raise ConfigError(f"--resume: no previous training run under {run_dir}")
+        return True
+    if exists:
+        stale = run_dir.with_name(f"{name}.replaced-{int(time.time())}")
+        run_dir.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    return False
+
+
+def fit(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
+    """Run training to the end (surviving up to ``max_failures`` worker failures); returns the Result."""
+    from ray.train import TrainingFailedError
+
+    trainer = build_trainer(spec, storage_path, name, use_gpu)
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        raise RuntimeError(f"training failed after {spec.train.max_failures} restarts: {err}") from err
