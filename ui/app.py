@@ -36,11 +36,26 @@ LEADERBOARD_BOOTSTRAP = 200
 
 def _sampling_controls(prefix: str) -> tuple[gr.Slider, gr.Slider, gr.Slider, gr.Slider]:
     with gr.Row():
-        temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature", elem_id=f"{prefix}-temperature")
-        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id=f"{prefix}-top-p")
-        top_k = gr.Slider(0, 200, value=0, step=1, label="top_k (0: off)", elem_id=f"{prefix}-top-k")
-        max_tokens = gr.Slider(1, 2048, value=256, step=1, label="max_tokens", elem_id=f"{prefix}-max-tokens")
+        d = DEFAULT_SAMPLING
+        temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature", elem_id=f"{prefix}-temperature")
+        top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="top_p", elem_id=f"{prefix}-top-p")
+        top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="top_k (0: off)", elem_id=f"{prefix}-top-k")
+        max_tokens = gr.Slider(0, 4096, value=d.max_tokens, step=1, label="max_tokens (0: server default)",
+                               elem_id=f"{prefix}-max-tokens")
     return temperature, top_p, top_k, max_tokens
+
+
+DEFAULT_SAMPLING = Sampling()
+
+
+def _sampling(temperature: float | None, top_p: float | None, top_k: float | None,
+              max_tokens: float | None) -> Sampling:
+    # Controls inside a closed accordion are not rendered yet and arrive as None: use the defaults.
+    d = DEFAULT_SAMPLING
+    return Sampling(temperature=d.temperature if temperature is None else float(temperature),
+                    top_p=d.top_p if top_p is None else float(top_p),
+                    top_k=d.top_k if top_k is None else int(top_k),
+                    max_tokens=d.max_tokens if max_tokens is None else int(max_tokens))
 
 
 def _error_line(err: Exception) -> str:
@@ -94,14 +109,14 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
 
     async def chat(message: str, conversation: list[dict[str, str]], model: str | None,
                    temperature: float, top_p: float, top_k: float, max_tokens: float):
-        if not message.strip():
+        if not (message or "").strip():
             yield gr.update(), conversation, gr.update(), "type a message first"
             return
         if not model:
             yield gr.update(), conversation, gr.update(), "⚠️ choose a model"
             return
         turns = [*conversation, {"role": "user", "content": message}]
-        sampling = Sampling(temperature, top_p, int(top_k), int(max_tokens))
+        sampling = _sampling(temperature, top_p, top_k, max_tokens)
         answer = Completion(model=model)
         try:
             async for answer in client.stream_chat(model, turns, sampling):
@@ -124,12 +139,12 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         if previous is not None:
             messages = previous.messages
         else:
-            if not prompt.strip():
+            if not (prompt or "").strip():
                 yield None, "⚠️ type a prompt first", *hidden
                 return
-            messages = ([{"role": "system", "content": system}] if system.strip() else [])
+            messages = [{"role": "system", "content": system}] if (system or "").strip() else []
             messages.append({"role": "user", "content": prompt})
-        sampling = Sampling(temperature, top_p, int(top_k), int(max_tokens))
+        sampling = _sampling(temperature, top_p, top_k, max_tokens)
         try:
             planned = plan_models(list(models or []), int(n_answers), random.Random())
         except ValueError as err:
@@ -137,7 +152,7 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             return
         comparison = Comparison(messages=messages, regenerations=previous.regenerations + 1 if previous else 0,
                                 answers=[ShownAnswer(model=m, version=(versions or {}).get(m, ""),
-                                                     sampling={**sampling.request_fields(), "top_k": int(top_k)})
+                                                     sampling=sampling.record())
                                          for m in planned])
 
         def boxes() -> list[Any]:

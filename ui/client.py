@@ -31,14 +31,20 @@ class Sampling:
     temperature: float = 0.8
     top_p: float = 1.0
     top_k: int = 0  # an extension of the OpenAI API; 0 (no cut) is left out of requests
-    max_tokens: int = 256
+    max_tokens: int = 0  # 0: left out, so the server picks a length that fits the model's context
 
     def request_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"temperature": float(self.temperature), "top_p": float(self.top_p),
-                                  "max_tokens": int(self.max_tokens)}
+        fields: dict[str, Any] = {"temperature": float(self.temperature), "top_p": float(self.top_p)}
+        if self.max_tokens:
+            fields["max_tokens"] = int(self.max_tokens)
         if self.top_k:
             fields["top_k"] = int(self.top_k)
         return fields
+
+    def record(self) -> dict[str, Any]:
+        """The settings as stored with a vote (every field, None where the server chose)."""
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": int(self.top_k),
+                "max_tokens": int(self.max_tokens) or None}
 
 
 @dataclass
