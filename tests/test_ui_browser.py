@@ -97,3 +97,94 @@ def test_chat_then_vote_in_compare_and_read_the_vote_back(ui, page):
     # The leaderboard counts the vote.
     page.get_by_role("tab", name="Leaderboard").click()
     expect(page.locator("#leaderboard-summary")).to_contain_text("vote(s)")
+
+
+@pytest.fixture(scope="module")
+def standalone_ui(serving_app, tmp_path_factory):
+    """`python -m ui.app` as its own process (uvicorn), pointed at the served API like any client."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    database = tmp_path_factory.mktemp("standalone-ui") / "prefs.db"
+    process = subprocess.Popen([sys.executable, "-m", "ui.app", "--api-url", serving_app.api_url,
+                                "--database", f"sqlite:///{database}", "--port", str(port)])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "python -m ui.app exited early"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "python -m ui.app did not come up"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", f"sqlite:///{database}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_standalone_ui_ranks_three_answers_regenerates_and_rejects_bad_input(standalone_ui, page):
+    import httpx
+    from playwright.sync_api import expect
+
+    from ui.store import PreferenceStore
+
+    expect.set_options(timeout=WAIT_MS)
+    base_url, database_url = standalone_ui
+    redirect = httpx.get(f"{base_url}/", follow_redirects=False)
+    assert redirect.status_code in (302, 307) and redirect.headers["location"] == "/ui/"
+
+    page.goto(f"{base_url}/ui/")
+    expect(page.locator("#api-status")).to_contain_text("2 model(s)")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-n input[type=number]").fill("3")
+    page.locator("#compare-n input[type=number]").press("Enter")
+    page.locator("#compare-prompt textarea").fill("Name three rivers.")
+    page.locator("#compare-generate").click()
+    status = page.locator("#compare-status")
+    expect(status).to_contain_text("Which answer is better")
+    expect(page.locator("#compare-answer-c")).to_be_visible()
+    shown = [page.locator(f"#compare-answer-{x} textarea").input_value() for x in "abc"]
+
+    # No rater id yet, then a ranking that leaves an answer out: one clear line each, nothing stored.
+    page.locator("#compare-ranking textarea, #compare-ranking input").first.fill("C > A = B")
+    page.locator("#vote-rank").click()
+    expect(status).to_contain_text("rater")
+    page.locator("#rater input, #rater textarea").first.fill("browser-bob")
+    page.locator("#vote-a").click()
+    expect(status).to_contain_text("type a ranking such as")
+    page.locator("#compare-ranking textarea, #compare-ranking input").first.fill("C > A")
+    page.locator("#vote-rank").click()
+    expect(status).to_contain_text("candidate 1 is missing")
+    store = PreferenceStore(database_url, create=False)
+    assert store.count() == 0
+
+    page.locator("#compare-ranking textarea, #compare-ranking input").first.fill("C > A = B")
+    page.locator("#vote-rank").click()
+    expect(status).to_contain_text("vote saved")
+    ranked = store.votes(rater="browser-bob")
+    assert len(ranked) == 1 and ranked[0].ranking == [[2], [0, 1]]
+    assert [c.content for c in ranked[0].candidates] == shown
+    assert sorted(c.model for c in ranked[0].candidates)[:2] == ["tiny", "tiny"]  # 3 answers from 2 models
+
+    # Regenerate the same prompt, flag it and call every answer bad.
+    page.locator("#compare-regenerate").click()
+    expect(status).to_contain_text("Which answer is better")
+    page.get_by_label("off topic").check()
+    page.locator("#vote-bad").click()
+    expect(status).to_contain_text("vote saved")
+    votes = store.votes(rater="browser-bob")
+    assert len(votes) == 2
+    bad = votes[1]
+    assert bad.outcome == "not_rankable" and bad.ranking == []
+    assert bad.flags == ["off topic", "regenerated"]
+    assert [m.model_dump() for m in bad.messages] == [{"role": "user", "content": "Name three rivers."}]

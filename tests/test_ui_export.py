@@ -61,6 +61,9 @@ def test_votes_give_exactly_the_implied_pairs(database, tmp_path):
     assert counts["pairs_train"] == 6 and counts["pairs_validation"] == 0
     on_disk = json.loads((tmp_path / "run" / "prefs" / "manifest.json").read_text())
     assert on_disk["counts"] == counts and on_disk["stage"] == "prefs"
+    ratings = [r["rating"] for r in on_disk["ratings"]]
+    assert {r["model"] for r in on_disk["ratings"]} == {"m1", "m2", "m3"} and ratings == sorted(ratings)[::-1]
+    assert (tmp_path / "run" / "prefs" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ties_and_all_bad_give_no_pairs(database):

@@ -79,3 +79,14 @@ def test_table_rows_and_plot(store):
     png = leaderboard_png(board)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert compute_ratings([], bootstrap=10) == []
+
+
+def test_ratings_command_prints_the_board_and_writes_the_plot(store, tmp_path, capsys):
+    from ui.ratings import main
+
+    assert main(["--database", store.url, "--bootstrap", "20", "--plot", str(tmp_path / "board.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("strong") < out.index("middle") < out.index("weak")
+    assert (tmp_path / "board.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--database", str(tmp_path / "missing.db")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from ui.client import ApiError, Completion, ModelInfo, OpenAIClient, Sampling
+from ui.client import ApiError, Completion, OpenAIClient, Sampling
 from ui.compare import (LETTERS, MAX_ANSWERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_models,
                         reveal, verdict_ranking)
 from ui.ratings import LEADERBOARD_HEADERS, compute_ratings, leaderboard_png, leaderboard_rows
@@ -37,7 +37,8 @@ LEADERBOARD_BOOTSTRAP = 200
 def _sampling_controls(prefix: str) -> tuple[gr.Slider, gr.Slider, gr.Slider, gr.Slider]:
     with gr.Row():
         d = DEFAULT_SAMPLING
-        temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature", elem_id=f"{prefix}-temperature")
+        temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature",
+                                elem_id=f"{prefix}-temperature")
         top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="top_p", elem_id=f"{prefix}-top-p")
         top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="top_k (0: off)", elem_id=f"{prefix}-top-k")
         max_tokens = gr.Slider(0, 4096, value=d.max_tokens, step=1, label="max_tokens (0: server default)",
@@ -62,13 +63,15 @@ def _error_line(err: Exception) -> str:
     return f"⚠️ {str(err).splitlines()[0] if str(err) else type(err).__name__}"
 
 
-async def _stream_answers(client: OpenAIClient, comparison: Comparison, sampling: Sampling) -> AsyncIterator[None]:
+async def _stream_answers(client: OpenAIClient, comparison: Comparison,
+                          sampling: Sampling) -> AsyncIterator[None]:
     """Generate every answer of a comparison concurrently; yields after each streamed chunk."""
     updates: asyncio.Queue[bool] = asyncio.Queue()
 
     async def pump(answer: ShownAnswer) -> None:
         try:
-            async for partial in client.stream_chat(answer.model, comparison.messages, sampling, answer.version):
+            stream = client.stream_chat(answer.model, comparison.messages, sampling, answer.version)
+            async for partial in stream:
                 answer.content, answer.finish_reason = partial.text, partial.finish_reason
                 await updates.put(False)
         except ApiError as err:
@@ -98,7 +101,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             rater = gr.update(value=request.query_params["rater"])
         try:
             models = await client.list_models()
-            status = f"{len(models)} model(s) at `{api_url}`" if models else f"⚠️ no models at `{api_url}`"
+            status = (f"{len(models)} model(s) at `{api_url}`" if models
+                      else f"⚠️ no models at `{api_url}`")
         except ApiError as err:
             models, status = [], _error_line(err)
         names = [m.id for m in models]
@@ -150,14 +154,16 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         except ValueError as err:
             yield previous, _error_line(err), *hidden
             return
-        comparison = Comparison(messages=messages, regenerations=previous.regenerations + 1 if previous else 0,
+        regenerations = previous.regenerations + 1 if previous else 0
+        comparison = Comparison(messages=messages, regenerations=regenerations,
                                 answers=[ShownAnswer(model=m, version=(versions or {}).get(m, ""),
                                                      sampling=sampling.record())
                                          for m in planned])
 
         def boxes() -> list[Any]:
             shown = [gr.update(value=_error_line(ApiError(a.error)) if a.error else a.content,
-                               label=f"Answer {LETTERS[i]}", visible=True) for i, a in enumerate(comparison.answers)]
+                               label=f"Answer {LETTERS[i]}", visible=True)
+                     for i, a in enumerate(comparison.answers)]
             return shown + [gr.update(value="", visible=False)] * (MAX_ANSWERS - len(shown))
 
         yield comparison, "generating…", *boxes()
@@ -167,13 +173,13 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
                   else "Which answer is better? The models are revealed after your vote.")
         yield comparison, status, *boxes()
 
-    async def regenerate(comparison: Comparison | None, models, n_answers, versions, temperature, top_p, top_k,
-                         max_tokens):
+    async def regenerate(comparison: Comparison | None, models, n_answers, versions,
+                         temperature, top_p, top_k, max_tokens):
         if comparison is None:
             yield None, "⚠️ nothing to regenerate: generate first", *[gr.update()] * MAX_ANSWERS
             return
-        async for update in generate("", "", models, n_answers, versions, temperature, top_p, top_k, max_tokens,
-                                     previous=comparison):
+        async for update in generate("", "", models, n_answers, versions, temperature, top_p, top_k,
+                                     max_tokens, previous=comparison):
             yield update
 
     def record(comparison: Comparison | None, rater: str, flags: list[str], outcome: str,
@@ -181,7 +187,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         vote = build_vote(comparison, rater, outcome, ranking, flags or [])
         stored = store.add_vote(vote)
         comparison.vote_uid = stored.uid
-        labels = [gr.update(label=f"Answer {LETTERS[i]} — {a.model}") for i, a in enumerate(comparison.answers)]
+        labels = [gr.update(label=f"Answer {LETTERS[i]} — {a.model}")
+                  for i, a in enumerate(comparison.answers)]
         labels += [gr.update()] * (MAX_ANSWERS - len(labels))
         return comparison, f"✅ vote saved (`{stored.uid[:8]}`)\n\n{reveal(comparison)}", *labels
 
@@ -233,7 +240,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             chat_controls = _sampling_controls("chat")
             chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=420)
             with gr.Row():
-                chat_input = gr.Textbox(label="message", placeholder="Say something…", elem_id="chat-input", scale=4)
+                chat_input = gr.Textbox(label="message", placeholder="Say something…", elem_id="chat-input",
+                                        scale=4)
                 send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=0)
                 clear = gr.Button("Clear", elem_id="chat-clear", scale=0)
             chat_status = gr.Markdown("", elem_id="chat-status")
@@ -242,7 +250,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             with gr.Row():
                 compare_models = gr.Dropdown(label="models (one model twice = two samples of it)", choices=[],
                                              multiselect=True, elem_id="compare-models", scale=3)
-                n_answers = gr.Slider(2, MAX_ANSWERS, value=2, step=1, label="answers", elem_id="compare-n", scale=1)
+                n_answers = gr.Slider(2, MAX_ANSWERS, value=2, step=1, label="answers", elem_id="compare-n",
+                                      scale=1)
             with gr.Accordion("system prompt and sampling", open=False):
                 system = gr.Textbox(label="system prompt (optional)", elem_id="compare-system")
                 compare_controls = _sampling_controls("compare")
@@ -269,7 +278,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         with gr.Tab("Leaderboard", elem_id="tab-leaderboard") as leaderboard_tab:
             refresh_board = gr.Button("Refresh", elem_id="leaderboard-refresh")
             board_summary = gr.Markdown("", elem_id="leaderboard-summary")
-            board_table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard-table")
+            board_table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False,
+                                       elem_id="leaderboard-table")
             board_plot = gr.Image(label="ratings with 95% bootstrap intervals", type="pil", interactive=False,
                                   elem_id="leaderboard-plot")
 
@@ -285,10 +295,10 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         clear.click(clear_chat, None, [chatbot, conversation, chat_status])
 
         compare_outputs = [comparison, compare_status, *answers]
-        generate_button.click(generate, [prompt, system, compare_models, n_answers, versions, *compare_controls],
-                              compare_outputs)
-        regenerate_button.click(regenerate, [comparison, compare_models, n_answers, versions, *compare_controls],
-                                compare_outputs)
+        generate_button.click(generate, [prompt, system, compare_models, n_answers, versions,
+                                         *compare_controls], compare_outputs)
+        regenerate_button.click(regenerate, [comparison, compare_models, n_answers, versions,
+                                             *compare_controls], compare_outputs)
         for button, verdict in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "bad")):
             button.click(vote(verdict), [comparison, rater, flags], compare_outputs)
         vote_rank.click(vote_ranking, [comparison, rater, flags, ranking_text], compare_outputs)
@@ -314,9 +324,12 @@ def build_app(api_url: str, database_url: str, api_key: str | None = None, path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ui.app", description="the groundup rating UI, standalone")
-    parser.add_argument("--api-url", required=True, help="OpenAI-compatible API base, e.g. http://host:8000/v1")
-    parser.add_argument("--database", default="sqlite:///preferences.db", help="SQLAlchemy URL or SQLite file")
+    parser = argparse.ArgumentParser(prog="python -m ui.app",
+                                     description="the groundup rating UI, standalone")
+    parser.add_argument("--api-url", required=True,
+                        help="OpenAI-compatible API base, e.g. http://host:8000/v1")
+    parser.add_argument("--database", default="sqlite:///preferences.db",
+                        help="SQLAlchemy URL or SQLite file")
     parser.add_argument("--api-key", default=os.environ.get("GROUNDUP_API_KEY"),
                         help="Bearer key for the API (default: $GROUNDUP_API_KEY)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -340,5 +353,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["build_app", "build_blocks", "ModelInfo"]

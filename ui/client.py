@@ -105,7 +105,8 @@ class OpenAIClient:
         if response.status_code != 200:
             raise ApiError(_error_message(response))
         cards = response.json().get("data", [])
-        return [ModelInfo(id=c["id"], version=_version_of(c), max_context=c.get("max_model_len")) for c in cards]
+        return [ModelInfo(id=c["id"], version=_version_of(c), max_context=c.get("max_model_len"))
+                for c in cards]
 
     async def stream_chat(self, model: str, messages: list[dict[str, str]], sampling: Sampling,
                           version: str = "") -> AsyncIterator[Completion]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ui.store import InvalidVoteError, VoteIn, check_ranking
+from ui.store import VoteIn, check_ranking
 
 MAX_ANSWERS = 4
 LETTERS = string.ascii_uppercase[:MAX_ANSWERS]
@@ -98,7 +98,8 @@ def build_vote(comparison: Comparison, rater: str, outcome: str, ranking: list[l
     return VoteIn.parse({
         "messages": comparison.messages,
         "candidates": [{"model": a.model, "model_version": a.version, "content": a.content,
-                        "sampling": a.sampling, "finish_reason": a.finish_reason} for a in comparison.answers],
+                        "sampling": a.sampling, "finish_reason": a.finish_reason}
+                       for a in comparison.answers],
         "rater": rater or "",
         "outcome": outcome,
         "ranking": ranking,
@@ -113,6 +114,3 @@ def reveal(comparison: Comparison) -> str:
              for i, a in enumerate(comparison.answers)]
     return "  \n".join(lines)
 
-
-__all__ = ["Comparison", "ShownAnswer", "InvalidVoteError", "MAX_ANSWERS", "LETTERS", "plan_models",
-           "parse_ranking", "verdict_ranking", "build_vote", "reveal"]

@@ -9,7 +9,8 @@ answer in a worse group. Ties and "all bad" votes yield none. A pair is
 the vote, its uid. Pairs are split into train and validation *by prompt* — a hash of the prompt
 messages and the seed decides — so the same prompt never lands in both splits, however often it
 was rated. Files go to ``<output>/train.{jsonl,parquet}`` and ``<output>/validation.{...}``, written
-atomically; the manifest goes to ``<run>/prefs/manifest.json``.
+atomically; the manifest (with the Bradley–Terry leaderboard of the same votes, and its plot
+``leaderboard.png``) goes to ``<run>/prefs/``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 import time
+from dataclasses import asdict
 from typing import Any, Iterable, Literal
 
 from pydantic import Field, field_validator
@@ -24,6 +26,7 @@ from pydantic import Field, field_validator
 from pipelines.cli import Flag
 from pipelines.config import ConfigError, StageConfig
 from pipelines.rundir import RunDir, is_local
+from ui.ratings import compute_ratings, leaderboard_png
 from ui.store import PreferenceStore, VoteRecord
 
 STAGE = "prefs"
@@ -31,12 +34,15 @@ SPLITS = ("train", "validation")
 
 
 class Config(StageConfig):
-    database: str | None = Field(None, description="SQLAlchemy URL or SQLite file; default <run>/ui/preferences.db")
-    output: str | None = Field(None, description="folder (path or URI) for the pair files; default <run>/prefs")
+    database: str | None = Field(None, description="SQLAlchemy URL or SQLite file"
+                                 " (default: <run>/ui/preferences.db)")
+    output: str | None = Field(None, description="folder (path or URI) for the pair files"
+                               " (default: <run>/prefs)")
     format: Literal["jsonl", "parquet"] = "jsonl"
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out")
     rater: str | None = Field(None, description="export only this rater's votes")
-    exclude_flags: list[str] = Field(default_factory=list, description="skip votes carrying any of these flags")
+    exclude_flags: list[str] = Field(default_factory=list,
+                                     description="skip votes carrying any of these flags")
 
     @field_validator("exclude_flags", mode="before")
     @classmethod
@@ -157,8 +163,13 @@ def run(config: Config) -> dict[str, Any]:
     out = RunDir(config.output_dir())
     outputs = {split: out.write_bytes(f"{split}.{config.format}", _encode(rows[split], config.format))
                for split in SPLITS}
+    # The leaderboard of the same votes, so a run records how its models compared.
+    board = compute_ratings(votes, bootstrap=200, seed=config.seed)
+    figures = {}
+    if board:
+        figures["leaderboard"] = RunDir(config.run).write_bytes(f"{STAGE}/leaderboard.png", leaderboard_png(board))
     manifest = new_manifest(STAGE, config, started, inputs={"database": _redact(database)}, outputs=outputs,
-                            counts=counts)
+                            counts=counts, figures=figures, ratings=[asdict(r) for r in board])
     manifest["outputs"]["manifest"] = RunDir(config.run).write_manifest(STAGE, manifest)
     print(f"prefs export: {counts['votes']} votes -> {counts['pairs_train']} train pairs "
           f"({counts['prompts_train']} prompts), {counts['pairs_validation']} validation pairs "

@@ -5,8 +5,9 @@ beats each answer in a worse group, answers in one group tie (half a win each). 
 the same model say nothing about models and are skipped, as are "all bad" votes.
 
 The strengths ``p`` maximise the Bradley–Terry likelihood ``P(i beats j) = p_i / (p_i + p_j)``, fitted
-by Newton's method on log p (the likelihood is concave). A weak prior (``prior_games`` drawn games against a fixed reference
-player of strength 1) keeps every strength finite when a model never wins or never loses. Ratings are
+by Newton's method on log p (the likelihood is concave). A weak prior (``prior_games`` drawn games
+against a fixed reference player of strength 1) keeps every strength finite when a model never wins
+or never loses. Ratings are
 ``1000 + 400 log10(p / geometric mean of p)`` so that 400 points mean 10:1 odds, as in Elo.
 Confidence intervals come from resampling whole votes with replacement (seeded).
 """
@@ -66,7 +67,8 @@ def pairwise_outcomes(vote: VoteRecord) -> list[PairOutcome]:
     return outcomes
 
 
-def _per_vote_tables(per_vote: Sequence[list[PairOutcome]], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _per_vote_tables(per_vote: Sequence[list[PairOutcome]],
+                     index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """(wins[v, i], games[v, i, j]) for each vote v; ties add half a win to each side."""
     n = len(index)
     wins = np.zeros((len(per_vote), n))
@@ -82,7 +84,8 @@ def _per_vote_tables(per_vote: Sequence[list[PairOutcome]], index: dict[str, int
 
 
 def _log_likelihood(theta: np.ndarray, wins: np.ndarray, games: np.ndarray, prior_games: float) -> float:
-    # sum_i (w_i + prior/2) theta_i - sum_{i<j} g_ij log(e^theta_i + e^theta_j) - prior sum_i log(e^theta_i + 1)
+    # sum_i (w_i + prior/2) theta_i - sum_{i<j} g_ij log(e^theta_i + e^theta_j)
+    #   - prior sum_i log(e^theta_i + 1)
     pair = np.logaddexp(theta[:, None], theta[None, :])
     return float((wins + prior_games / 2) @ theta - 0.5 * (games * pair).sum()
                  - prior_games * np.logaddexp(theta, 0.0).sum())
@@ -186,3 +189,39 @@ def leaderboard_png(board: Sequence[ModelRating], title: str = "Leaderboard (Bra
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ui.ratings --database URL [--plot leaderboard.png]``: print the leaderboard."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from pipelines.config import ConfigError
+    from ui.store import PreferenceStore
+
+    parser = argparse.ArgumentParser(prog="python -m ui.ratings", description="Bradley–Terry leaderboard")
+    parser.add_argument("--database", required=True, help="SQLAlchemy URL or SQLite file of the store")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="write the leaderboard as a PNG here")
+    args = parser.parse_args(argv)
+    try:
+        with PreferenceStore(args.database, create=False) as store:
+            votes = store.votes()
+    except ConfigError as err:
+        print(f"python -m ui.ratings: error: {err}", file=sys.stderr)
+        return 2
+    board = compute_ratings(votes, bootstrap=args.bootstrap, seed=args.seed)
+    print(f"{len(votes)} votes, {len(board)} models")
+    print("  ".join(f"{h:>12s}" for h in LEADERBOARD_HEADERS))
+    for row in leaderboard_rows(board):
+        print("  ".join(f"{str(v):>12s}" for v in row))
+    if args.plot and board:
+        Path(args.plot).write_bytes(leaderboard_png(board))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -222,7 +222,8 @@ class PreferenceStore:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as err:
-                    raise DatabaseError(f"database {path}: cannot create its folder ({err.strerror})") from None
+                    raise DatabaseError(
+                        f"database {path}: cannot create its folder ({err.strerror})") from None
         try:
             self.engine: Engine = create_engine(self.url)
         except (ArgumentError, NoSuchModuleError) as err:
@@ -257,8 +258,9 @@ class PreferenceStore:
             uid=uuid.uuid4().hex, created_at=datetime.now(timezone.utc), presented_at=vote.presented_at,
             rater=vote.rater, messages=[m.model_dump() for m in vote.messages], outcome=vote.outcome,
             ranking=[list(g) for g in vote.ranking], flags=list(vote.flags),
-            candidates=[CandidateRow(position=i, model=c.model, model_version=c.model_version, content=c.content,
-                                     sampling=_jsonable(c.sampling), finish_reason=c.finish_reason)
+            candidates=[CandidateRow(position=i, model=c.model, model_version=c.model_version,
+                                     content=c.content, sampling=_jsonable(c.sampling),
+                                     finish_reason=c.finish_reason)
                         for i, c in enumerate(vote.candidates)])
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             session.add(row)
@@ -271,7 +273,8 @@ class PreferenceStore:
 
     def get(self, uid: str) -> VoteRecord | None:
         with Session(self.engine) as session:
-            row = session.scalar(select(VoteRow).options(selectinload(VoteRow.candidates)).where(VoteRow.uid == uid))
+            query = select(VoteRow).options(selectinload(VoteRow.candidates)).where(VoteRow.uid == uid)
+            row = session.scalar(query)
             return _to_record(row) if row is not None else None
 
     def iter_votes(self, rater: str | None = None, batch_size: int = 500) -> Iterator[VoteRecord]:
@@ -312,5 +315,5 @@ def _to_record(row: VoteRow) -> VoteRecord:
     return VoteRecord(
         id=row.id, uid=row.uid, created_at=_utc(row.created_at), presented_at=_utc(row.presented_at),
         rater=row.rater, messages=row.messages, outcome=row.outcome, ranking=row.ranking, flags=row.flags,
-        candidates=[Candidate(model=c.model, model_version=c.model_version, content=c.content, sampling=c.sampling,
-                              finish_reason=c.finish_reason) for c in row.candidates])
+        candidates=[Candidate(model=c.model, model_version=c.model_version, content=c.content,
+                              sampling=c.sampling, finish_reason=c.finish_reason) for c in row.candidates])
