@@ -92,6 +92,11 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _local_grad_norm(model: torch.nn.Module) -> float | None:
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+
 def evaluate(engine, task: Task, rank: int, world: int, micro: int, device: torch.device) -> dict[str, float]:
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64)
@@ -155,14 +160,19 @@ def train_worker(spec: LoopSpec) -> None:
         lr = scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         batches = task.train_micro_batches(step, rank, world, plan.micro_batch_size)
+        grad_norm = None
         for batch in batches:
             loss = task.loss(engine, batch, device)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and config.zero.stage == 0:
+                # Without a ZeRO optimizer DeepSpeed leaves the norm unset (fp32); the gradients are
+                # already all-reduced here, so measure it before the step clears them.
+                grad_norm = _local_grad_norm(engine.module)
             engine.step()
             loss_sum += loss.detach().float()
         loss_mean = float(_all_reduce_sum(loss_sum / len(batches)) / world)
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        ds_norm = engine.get_global_grad_norm()
+        grad_norm = float(ds_norm) if ds_norm is not None else grad_norm
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step += 1
