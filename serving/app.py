@@ -203,13 +203,13 @@ class UIServer:
     """The rating UI as one replica: ``ui.app.build_app`` runs inside the replica (a built Gradio app
     does not pickle), and the API is reached over HTTP like any client."""
 
-    def __init__(self, api_url: str, database_url: str):
-        self.api_url, self.database_url = api_url, database_url
+    def __init__(self, api_url: str, database_url: str, api_key: str | None = None):
+        self.api_url, self.database_url, self.api_key = api_url, database_url, api_key
 
     def __serve_build_asgi_app__(self):
         from ui.app import build_app
 
-        app = build_app(api_url=self.api_url, database_url=self.database_url)
+        app = build_app(api_url=self.api_url, database_url=self.database_url, api_key=self.api_key)
 
         async def at_site_root(scope, receive, send):
             # Serve sets root_path to the route prefix ("/ui"); build_app already mounts Gradio at /ui,
@@ -227,7 +227,9 @@ def build_ui_application(config: Config):
     api_url = config.ui_api_url or f"{config.api_base}/v1"
     deployment = serve.deployment(serve.ingress()(UIServer)).options(
         name="ui", num_replicas=1, ray_actor_options={"num_cpus": config.ingress_num_cpus})
-    return deployment.bind(api_url, config.resolved_database_url())
+    # With API keys on, the UI is one more client of the API and uses the first key.
+    api_key = config.api_keys[0] if config.api_keys else None
+    return deployment.bind(api_url, config.resolved_database_url(), api_key)
 
 
 def _config_from_args(args: dict[str, Any]) -> Config:
