@@ -18,6 +18,10 @@ _TRAILING_SPACE = re.compile(r"[ \t\f\v\u00a0]+$", re.MULTILINE)
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 # C0/C1 control characters other than tab and newline carry no text and confuse tokenizers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Printable ASCII, tab and newline, without "&": no ftfy fixer changes such a segment (mojibake,
+# curly quotes, ligatures, widths and odd line breaks need non-ASCII; HTML entities need "&";
+# terminal escapes and control characters need the characters excluded here).
+_FTFY_UNSAFE = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
 
 
 class CleanConfig(StrictModel):
@@ -37,12 +41,41 @@ def extract_main_text(html: str, include_tables: bool = True) -> str | None:
                                favor_precision=True, deduplicate=False)
 
 
+def fix_unicode(text: str) -> str:
+    """Exactly ``ftfy.fix_text(text, normalization=None)``, without calling ftfy on safe lines.
+
+    ftfy fixes a text one line (segment) at a time; the only state carried between segments is
+    that HTML unescaping is switched off from the first segment containing "<" on. This loop keeps
+    ftfy's segmentation and that state, and skips the segments no fixer can change (plain ASCII
+    without "&" or control characters), which on typical text is nearly all of them.
+    """
+    if _FTFY_UNSAFE.search(text) is None:
+        return text
+    import ftfy
+
+    config = ftfy.TextFixerConfig(explain=False, normalization=None)
+    out = []
+    pos = 0
+    while pos < len(text):
+        textbreak = text.find("\n", pos) + 1
+        if textbreak == 0:
+            textbreak = len(text)
+        if (textbreak - pos) > config.max_decode_length:
+            textbreak = pos + config.max_decode_length
+        segment = text[pos:textbreak]
+        if config.unescape_html == "auto" and "<" in segment:
+            config = config._replace(unescape_html=False)
+        if _FTFY_UNSAFE.search(segment) is not None:
+            segment = ftfy.fix_and_explain(segment, config).text
+        out.append(segment)
+        pos = textbreak
+    return "".join(out)
+
+
 def normalize_text(text: str, cfg: CleanConfig) -> str:
     if cfg.fix_unicode:
-        import ftfy
-
         # normalization=None: NFC is applied below (and can be switched off on its own).
-        text = ftfy.fix_text(text, normalization=None)
+        text = fix_unicode(text)
     if cfg.nfc:
         text = unicodedata.normalize("NFC", text)
     if cfg.normalize_whitespace:

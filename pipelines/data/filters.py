@@ -29,6 +29,47 @@ _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                      "use of cookies", "use cookies")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+# Whitespace-separated tokens without an ASCII letter (digit): on ASCII text, the words for which
+# ``any(c.isalpha())`` (``any(c.isalnum())``) is false. \s and str.split() agree on whitespace.
+_NO_ALPHA_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z]++(?!\S)")
+_NO_ALNUM_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z0-9]++(?!\S)")
+_LONG_TOKEN_CACHE: dict[int, re.Pattern] = {}
+
+
+class Document:
+    """Views of one text that several filters need, each computed once, on first use."""
+
+    __slots__ = ("text", "_words", "_lines", "_lower")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._words: list[str] | None = None
+        self._lines: list[str] | None = None
+        self._lower: str | None = None
+
+    @property
+    def words(self) -> list[str]:
+        if self._words is None:
+            self._words = self.text.split()
+        return self._words
+
+    @property
+    def lines(self) -> list[str]:
+        """Non-empty lines, stripped."""
+        if self._lines is None:
+            self._lines = [line for line in map(str.strip, self.text.split("\n")) if line]
+        return self._lines
+
+    @property
+    def lower(self) -> str:
+        if self._lower is None:
+            self._lower = self.text.lower()
+        return self._lower
+
+
+def _document(text: str, doc: Document | None) -> Document:
+    return doc if doc is not None and doc.text is text else Document(text)
 
 
 # ---------------------------------------------------------------- configs (published defaults)
@@ -140,13 +181,24 @@ def _language_identifier():
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+LANGUAGE_PREFIX_CHARS = 10_000
+LANGUAGE_QUICK_CHARS = 2_000
+LANGUAGE_QUICK_SCORE = 0.99
+
+
 def identify_language(text: str) -> tuple[str, float]:
     # The first 10k characters decide: enough for a stable answer, bounded cost on huge documents.
-    lang, score = _language_identifier().classify(text[:10_000])
+    lang, score = _language_identifier().classify(text[:LANGUAGE_PREFIX_CHARS])
     return str(lang), float(score)
 
 
 def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+    if len(text) > LANGUAGE_QUICK_CHARS:
+        # Most documents are settled by a short prefix: a kept language at near certainty on the
+        # first 2k characters keeps the document; anything less is decided on the full 10k prefix.
+        lang, score = _language_identifier().classify(text[:LANGUAGE_QUICK_CHARS])
+        if lang in cfg.languages and score >= max(LANGUAGE_QUICK_SCORE, cfg.min_score):
+            return None
     lang, score = identify_language(text)
     if lang not in cfg.languages:
         return f"language:not_{'_'.join(cfg.languages)}"
@@ -157,16 +209,33 @@ def language_filter(text: str, cfg: LanguageConfig) -> str | None:
 
 # ---------------------------------------------------------------- Gopher
 
-def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
-    words = text.split()
+def _has_alpha(word: str) -> bool:
+    return any(c.isalpha() for c in word)
+
+
+def _has_alnum(word: str) -> bool:
+    return any(c.isalnum() for c in word)
+
+
+def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = None) -> str | None:
+    doc = _document(text, doc)
+    words = doc.words
     n_words = len(words)
     if n_words < cfg.min_doc_words:
         return "gopher_quality:too_few_words"
     if n_words > cfg.max_doc_words:
         return "gopher_quality:too_many_words"
+    ascii_text = text.isascii()
     # Word lengths are measured on words with a letter or digit: lone punctuation is not a word.
-    real = [w for w in words if any(c.isalnum() for c in w)]
-    avg_len = sum(len(w) for w in real) / max(len(real), 1)
+    if ascii_text:  # the same counts with one regex scan instead of a Python loop per word
+        word_chars = sum(map(len, words))
+        not_real = _NO_ALNUM_TOKEN.findall(text)
+        n_real = n_words - len(not_real)
+        real_chars = word_chars - sum(map(len, not_real))
+    else:
+        real = list(filter(_has_alnum, words))
+        n_real, real_chars = len(real), sum(map(len, real))
+    avg_len = real_chars / max(n_real, 1)
     if avg_len < cfg.min_avg_word_length:
         return "gopher_quality:short_words"
     if avg_len > cfg.max_avg_word_length:
@@ -174,19 +243,22 @@ def gopher_quality(text: str, cfg: GopherQualityConfig) -> str | None:
     symbols = text.count("#") + text.count("...") + text.count("…")
     if symbols / n_words > cfg.max_symbol_word_ratio:
         return "gopher_quality:symbol_ratio"
-    lines = [line for line in text.split("\n") if line.strip()]
+    lines = doc.lines
     if lines:
-        bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "●", "*", "-")))
+        bullets = sum(1 for line in lines if line.startswith(("•", "●", "*", "-")))
         if bullets / len(lines) > cfg.max_bullet_lines_ratio:
             return "gopher_quality:bullet_lines"
-        ellipsis = sum(1 for line in lines if line.rstrip().endswith(("...", "…")))
+        ellipsis = sum(1 for line in lines if line.endswith(("...", "…")))
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return "gopher_quality:ellipsis_lines"
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+    if ascii_text:
+        alpha = n_words - len(_NO_ALPHA_TOKEN.findall(text))
+    else:
+        alpha = sum(map(_has_alpha, words))
     if alpha / n_words < cfg.min_alpha_words_ratio:
         return "gopher_quality:non_alpha_words"
-    stop = set(cfg.stop_words)
-    if sum(1 for w in words if w.lower() in stop) < cfg.min_stop_words:
+    stop = frozenset(cfg.stop_words)
+    if sum(map(stop.__contains__, map(str.lower, words))) < cfg.min_stop_words:
         return "gopher_quality:few_stop_words"
     return None
 
@@ -242,67 +314,93 @@ def _duplicate_ngram_chars(word_ids: np.ndarray, word_len: np.ndarray, n: int) -
     return int(word_len[covered].sum())
 
 
-def gopher_repetition(text: str, cfg: GopherRepetitionConfig) -> str | None:
+def gopher_repetition(text: str, cfg: GopherRepetitionConfig, doc: Document | None = None) -> str | None:
+    doc = _document(text, doc)
     total_chars = max(len(text), 1)
-    paragraphs = [p.strip() for p in _PARAGRAPHS.split(text) if p.strip()]
+    paragraphs = [p for p in map(str.strip, _PARAGRAPHS.split(text)) if p]
     dup, dup_chars = _duplicate_stats(paragraphs)
     if paragraphs and dup / len(paragraphs) > cfg.max_dup_para_frac:
         return "gopher_repetition:dup_para_frac"
     if dup_chars / total_chars > cfg.max_dup_para_char_frac:
         return "gopher_repetition:dup_para_char_frac"
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    lines = doc.lines
     dup, dup_chars = _duplicate_stats(lines)
     if lines and dup / len(lines) > cfg.max_dup_line_frac:
         return "gopher_repetition:dup_line_frac"
     if dup_chars / total_chars > cfg.max_dup_line_char_frac:
         return "gopher_repetition:dup_line_char_frac"
-    words = text.split()
+    words = doc.words
     vocabulary: dict[str, int] = {}
     word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in words), dtype=np.uint64,
                            count=len(words))
-    word_len = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     cum_len = np.concatenate([[0], np.cumsum(word_len)])
     word_chars = max(int(cum_len[-1]), 1)
     for n, limit in sorted(cfg.top_ngram_max_frac.items()):
         if _top_ngram_chars(word_ids, cum_len, n) / word_chars > limit:
             return f"gopher_repetition:top_{n}gram"
+    # Words inside repeated (n+1)-grams are inside repeated n-grams too, so the covered characters
+    # never grow with n: once they are within a longer n-gram's limit, that rule cannot fire.
+    smallest_covered: int | None = None
     for n, limit in sorted(cfg.dup_ngram_max_frac.items()):
-        if _duplicate_ngram_chars(word_ids, word_len, n) / word_chars > limit:
+        if smallest_covered is not None and smallest_covered / word_chars <= limit:
+            continue
+        covered = _duplicate_ngram_chars(word_ids, word_len, n)
+        smallest_covered = covered if smallest_covered is None else min(smallest_covered, covered)
+        if covered / word_chars > limit:
             return f"gopher_repetition:dup_{n}gram"
     return None
 
 
 # ---------------------------------------------------------------- C4
 
-def c4_filter(text: str, cfg: C4Config) -> tuple[str, str | None]:
+def _long_token(max_word_length: int) -> re.Pattern:
+    """A word (whitespace-separated token) longer than ``max_word_length``."""
+    pattern = _LONG_TOKEN_CACHE.get(max_word_length)
+    if pattern is None:
+        pattern = _LONG_TOKEN_CACHE[max_word_length] = re.compile(r"\S{%d}" % (max_word_length + 1))
+    return pattern
+
+
+def c4_filter(text: str, cfg: C4Config, doc: Document | None = None) -> tuple[str, str | None]:
     """(text with C4's bad lines removed, reason to drop the whole document or None)."""
-    lower = text.lower()
+    doc = _document(text, doc)
+    lower = doc.lower
     if cfg.filter_lorem_ipsum and "lorem ipsum" in lower:
         return text, "c4:lorem_ipsum"
     if cfg.filter_curly_bracket and "{" in text:
         return text, "c4:curly_bracket"
+    # Citations never span lines, so removing them from the whole text equals removing them per line.
+    body = _CITATION.sub("", text) if cfg.remove_citations else text
+    body_lower = lower if body == text else body.lower()
+    # Rules that look for something absent from the whole text cannot drop any line: skip them.
+    check_js = cfg.filter_javascript and "javascript" in body_lower
+    check_policy = cfg.filter_policy and any(p in body_lower for p in POLICY_SUBSTRINGS)
+    check_long = _long_token(cfg.max_word_length).search(body) is not None
+    need_words = cfg.min_words_per_line > 0 or check_long
+    check_punct = cfg.filter_no_terminal_punct
     kept_lines = []
-    for line in text.split("\n"):
-        if cfg.remove_citations:
-            line = _CITATION.sub("", line)
+    for line in body.split("\n"):
         stripped = line.strip()
         if not stripped:
             kept_lines.append("")  # keep paragraph breaks
             continue
-        words = stripped.split()
-        line_lower = stripped.lower()
-        if cfg.filter_no_terminal_punct and not stripped.endswith(TERMINAL_PUNCTUATION):
+        if check_punct and not stripped.endswith(TERMINAL_PUNCTUATION):
             continue
-        if len(words) < cfg.min_words_per_line:
-            continue
-        if any(len(w) > cfg.max_word_length for w in words):
-            continue
-        if cfg.filter_javascript and "javascript" in line_lower:
-            continue
-        if cfg.filter_policy and any(p in line_lower for p in POLICY_SUBSTRINGS):
-            continue
+        if need_words:
+            words = stripped.split()
+            if len(words) < cfg.min_words_per_line:
+                continue
+            if check_long and any(len(w) > cfg.max_word_length for w in words):
+                continue
+        if check_js or check_policy:
+            line_lower = stripped.lower()
+            if check_js and "javascript" in line_lower:
+                continue
+            if check_policy and any(p in line_lower for p in POLICY_SUBSTRINGS):
+                continue
         kept_lines.append(line.rstrip())
-    cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(kept_lines)).strip()
+    cleaned = _MANY_NEWLINES.sub("\n\n", "\n".join(kept_lines)).strip()
     if not cleaned:
         return cleaned, "c4:no_lines_left"
     if len(_SENTENCE_END.findall(cleaned)) < cfg.min_num_sentences:
@@ -312,8 +410,9 @@ def c4_filter(text: str, cfg: C4Config) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------- FineWeb
 
-def fineweb_filter(text: str, cfg: FineWebConfig) -> str | None:
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
+def fineweb_filter(text: str, cfg: FineWebConfig, doc: Document | None = None) -> str | None:
+    doc = _document(text, doc)
+    lines = doc.lines
     if not lines:
         return "fineweb:empty"
     if sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines) <= cfg.line_punct_thr:
@@ -324,24 +423,29 @@ def fineweb_filter(text: str, cfg: FineWebConfig) -> str | None:
     _, dup_chars = _duplicate_stats(lines)
     if dup_chars / non_space_chars > cfg.char_duplicates_ratio:
         return "fineweb:char_dup_ratio"
-    words = text.split()
-    if text.count("\n") / max(len(words), 1) > cfg.new_line_ratio:
+    if text.count("\n") / max(len(doc.words), 1) > cfg.new_line_ratio:
         return "fineweb:list_ratio"
     return None
 
 
 def apply_filters(text: str, cfg: FiltersConfig) -> tuple[str, str | None]:
-    """Run the filters in FineWeb's order; (possibly edited text, first reason to drop or None)."""
+    """Run the filters in FineWeb's order; (possibly edited text, first reason to drop or None).
+
+    Words, lines and the lower-cased text are computed once per document and shared by the filters.
+    """
     if cfg.language.enabled and (reason := language_filter(text, cfg.language)):
         return text, reason
-    if cfg.gopher_repetition.enabled and (reason := gopher_repetition(text, cfg.gopher_repetition)):
+    doc = Document(text)
+    if cfg.gopher_repetition.enabled and (reason := gopher_repetition(text, cfg.gopher_repetition, doc)):
         return text, reason
-    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, cfg.gopher_quality)):
+    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, cfg.gopher_quality, doc)):
         return text, reason
     if cfg.c4.enabled:
-        text, reason = c4_filter(text, cfg.c4)
+        cleaned, reason = c4_filter(text, cfg.c4, doc)
         if reason:
-            return text, reason
-    if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb)):
+            return cleaned, reason
+        if cleaned != text:
+            text, doc = cleaned, Document(cleaned)
+    if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb, doc)):
         return text, reason
     return text, None
