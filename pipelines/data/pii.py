@@ -27,6 +27,13 @@ PHONE = re.compile(
     r"(?<![\w+])(?<!\d[ .])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|[ .]\d)"
 )
 
+# Cheap necessary conditions (no look-behinds, so the regex engine scans fast): when one finds
+# nothing, the full pattern cannot match either and its pass over the text is skipped.
+_MAY_BE_CARD = re.compile(r"\d(?:[ -]?\d){12}")
+_MAY_BE_IPV4 = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
+_MAY_BE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_MAY_BE_PHONE = re.compile(r"\d{3,4}[ .-]\d{3,4}")
+
 
 class PIIConfig(StrictModel):
     enabled: bool = True
@@ -71,13 +78,15 @@ def redact(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         return substitute
 
     # E-mail first (its digits must not look like phones); cards before phones (longer digit runs).
-    if cfg.email:
+    if cfg.email and "@" in text:
         text = EMAIL.sub(replace("email"), text)
-    if cfg.card:
+    if cfg.card and _MAY_BE_CARD.search(text):
         text = CARD.sub(replace("card", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
     if cfg.ip:
-        text = IPV4.sub(replace("ip", _is_ip), text)
-        text = IPV6.sub(replace("ip", _is_ip), text)
-    if cfg.phone:
+        if _MAY_BE_IPV4.search(text):
+            text = IPV4.sub(replace("ip", _is_ip), text)
+        if _MAY_BE_IPV6.search(text):
+            text = IPV6.sub(replace("ip", _is_ip), text)
+    if cfg.phone and _MAY_BE_PHONE.search(text):
         text = PHONE.sub(replace("phone"), text)
     return text, counts
