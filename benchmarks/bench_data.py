@@ -1,9 +1,10 @@
 """Data stage throughput, with the ceilings it is measured against, in one run; prints ONE JSON line.
 
-    python benchmarks/bench_data.py [--copies 4] [--num-cpus N]
+    python benchmarks/bench_data.py [--mb 50 | --copies N] [--num-cpus N]
 
 Measures end-to-end MB/s per core of ``groundup data`` on the built-in corpus and on a larger one
-(the built-in corpus replicated with word-level perturbations, so near duplicates exist), each
+(the built-in corpus replicated with word-level perturbations, so near duplicates exist; about
+``--mb`` megabytes, so the fixed Ray start-up and scheduling cost is amortised), each
 step's share of the worker CPU time, and side by side on one core: datasketch MinHash the plain way
 (``update`` per shingle), the stage's MinHash path, raw sentencepiece encode, and the stage's
 tokenize-and-pack UDF.
@@ -122,7 +123,9 @@ def ceilings(texts: list[str], model_bytes: bytes) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--copies", type=int, default=4, help="perturbed replicas in the larger corpus")
+    parser.add_argument("--mb", type=float, default=50.0, help="approximate size of the larger corpus in MB")
+    parser.add_argument("--copies", type=int, default=None,
+                        help="perturbed replicas in the larger corpus (overrides --mb)")
     parser.add_argument("--num-cpus", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -136,14 +139,18 @@ def main() -> None:
         tmp_path = Path(tmp)
         builtin, wall = run_stage(["builtin"], str(tmp_path / "builtin"), [])
         small = stage_figures(builtin, wall, cores)
-        corpus = perturbed_corpus(tmp_path, args.copies)
+        copies = args.copies
+        if copies is None:
+            builtin_mb = sum(len(d["text"].encode("utf-8")) for d in iter_builtin_documents()) / 1e6
+            copies = max(1, round(args.mb / builtin_mb) - 1)
+        corpus = perturbed_corpus(tmp_path, copies)
         larger, wall = run_stage([str(corpus)], str(tmp_path / "larger"),
                                  ["filters.preset=code_docs", f"tokenizer.path={tmp_path}/builtin/data/tokenizer"])
         large = stage_figures(larger, wall, cores)
         model_bytes = (tmp_path / "builtin" / "data" / "tokenizer" / "tokenizer.model").read_bytes()
     texts = [d["text"] for d in iter_builtin_documents()]
     result = {
-        "benchmark": "data", "cores": cores, "builtin": small, "larger": large,
+        "benchmark": "data", "cores": cores, "larger_corpus_copies": copies, "builtin": small, "larger": large,
         "near_dup_dedup_mb_per_s_per_core": large["step_mb_per_s_per_core"].get("dedup"),
         "ceilings_one_core": ceilings(texts, model_bytes),
     }

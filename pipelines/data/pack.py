@@ -72,11 +72,24 @@ def select_training_sample(rows: list[dict[str, Any]], seed: int, budget_bytes: 
     return texts
 
 
+_TOKENIZERS: dict[bytes, Tokenizer] = {}
+
+
+def _cached_tokenizer(model_bytes: bytes) -> Tokenizer:
+    """One sentencepiece processor per model per worker process (Ray reuses worker processes)."""
+    key = hashlib.blake2b(model_bytes, digest_size=16).digest()
+    tokenizer = _TOKENIZERS.get(key)
+    if tokenizer is None:
+        _TOKENIZERS.clear()
+        tokenizer = _TOKENIZERS[key] = Tokenizer.from_bytes(model_bytes)
+    return tokenizer
+
+
 class TokenizeBatch:
-    """Ray Data actor: holds one sentencepiece processor for its lifetime."""
+    """Tokenize a batch of documents: token bytes (ids + EOS), order key, split and sizes."""
 
     def __init__(self, model_bytes: bytes, seed: int, validation_ids: set[str]):
-        self.tokenizer = Tokenizer.from_bytes(model_bytes)
+        self.tokenizer = _cached_tokenizer(model_bytes)
         self.seed = seed
         self.validation_ids = validation_ids
 
@@ -98,6 +111,12 @@ class TokenizeBatch:
             "n_bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
             "t_tokenize": np.full(n, (time.perf_counter() - started) / max(n, 1)),
         }
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], model_bytes: bytes, seed: int,
+                   validation_ids: set[str]) -> dict[str, Any]:
+    """Ray Data task UDF: :class:`TokenizeBatch` with the processor cached across tasks."""
+    return TokenizeBatch(model_bytes, seed, validation_ids)(batch)
 
 
 @dataclass

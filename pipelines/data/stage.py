@@ -28,8 +28,8 @@ from pipelines.config import ConfigError, StageConfig
 from pipelines.data.clean import CleanConfig, clean_document
 from pipelines.data.dedup import DedupConfig, dedup_dataset
 from pipelines.data.filters import FiltersConfig, apply_filters, effective_filters
-from pipelines.data.pack import (PackConfig, ShardWriter, TokenizeBatch, TokenizerConfig, assign_validation,
-                                 select_training_sample, token_dtype, unit_hash)
+from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
+                                 select_training_sample, token_dtype, tokenize_batch, unit_hash)
 from pipelines.data.pii import PIIConfig, redact
 from pipelines.data.readers import BUILTIN, InputFile, ReadConfig, iter_builtin_records, read_input_file, resolve_inputs
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
@@ -118,12 +118,20 @@ class ProcessBatch:
 
 
 def _mark_duplicates(batch: pa.Table, removed: dict[str, tuple[str, str]]) -> pa.Table:
-    rows = batch.to_pylist()
-    for row in rows:
-        hit = removed.get(row["id"]) if row["status"] == KEPT else None
+    """Set status/reason/duplicate_of of removed documents; only those three columns are rebuilt."""
+    ids = batch.column("id").to_pylist()
+    status = batch.column("status").to_pylist()
+    hits = [removed.get(i) if s == KEPT else None for i, s in zip(ids, status)]
+    if not any(hits):
+        return batch
+    reason = batch.column("reason").to_pylist()
+    duplicate_of = batch.column("duplicate_of").to_pylist()
+    for k, hit in enumerate(hits):
         if hit:
-            row["status"], row["reason"], row["duplicate_of"] = DUPLICATE, f"dedup:{hit[1]}", hit[0]
-    return to_table(rows)
+            status[k], reason[k], duplicate_of[k] = DUPLICATE, f"dedup:{hit[1]}", hit[0]
+    for name, values in (("status", status), ("reason", reason), ("duplicate_of", duplicate_of)):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return batch
 
 
 def _summarize(batch: pa.Table) -> pa.Table:
@@ -132,12 +140,20 @@ def _summarize(batch: pa.Table) -> pa.Table:
     frame["bytes_out"] = [len(t.encode("utf-8")) if s in (KEPT, DUPLICATE) else 0
                           for t, s in zip(frame["text"], frame["status"])]
     frame["n"] = 1
-    columns = ["n", "bytes_in", "bytes_out", *[f"pii_{k}" for k in PII_KINDS]]
+    columns = ["n", "bytes_in", "bytes_out", *[f"pii_{k}" for k in PII_KINDS],
+               *[c for c in STEP_TIME_COLUMNS if c in frame.columns]]
     grouped = frame.groupby(["status", "reason"], as_index=False)[columns].sum()
     return pa.Table.from_pandas(grouped, preserve_index=False)
 
 
 # ---------------------------------------------------------------- the job
+
+def _processing_blocks() -> int:
+    """Blocks for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
+    import ray
+
+    return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+
 
 def _build_records(cfg: Config, files: list[InputFile]):
     import ray
@@ -145,23 +161,37 @@ def _build_records(cfg: Config, files: list[InputFile]):
     parts = []
     if files:
         items = [{"file": asdict(f)} for f in files]
+        # One read task per file; the records are then spread over a few blocks per CPU, since a
+        # single large file would otherwise be cleaned and filtered by one task on one core.
         parts.append(ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            _read_file, fn_kwargs={"cfg": cfg.read}))
+            _read_file, fn_kwargs={"cfg": cfg.read}).repartition(_processing_blocks()))
     if BUILTIN in cfg.inputs:
-        parts.append(ray.data.from_items(list(iter_builtin_records()), override_num_blocks=8))
+        parts.append(ray.data.from_items(list(iter_builtin_records()), override_num_blocks=_processing_blocks()))
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.union(part)
     return ds
 
 
-def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ids_and_sample(batch: pa.Table, seed: int, rate: float) -> pa.Table:
+    """Every kept id, with the text only for documents drawn into the tokenizer's sample."""
+    ids = batch.column("id").to_pylist()
+    drawn = [unit_hash(i, seed, "tokenizer") < rate for i in ids] if rate > 0 else [False] * len(ids)
+    texts = [t if d else None for t, d in zip(batch.column("text").to_pylist(), drawn)]
+    return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+
+
+def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(counts, totals by (status, reason), CPU seconds of each per-document step) in one pass."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
+    seconds = dict.fromkeys(STEP_TIME_COLUMNS, 0.0)
     for row in final.map_batches(_summarize, batch_format="pyarrow").take_all():
         key = (row["status"], row["reason"])
         bucket = totals.setdefault(key, {})
         for name, value in row.items():
-            if name not in ("status", "reason"):
+            if name in seconds:
+                seconds[name] += float(value)
+            elif name not in ("status", "reason"):
                 bucket[name] = bucket.get(name, 0) + int(value)
 
     def total(field: str, status: str | None = None, prefix: str = "") -> int:
@@ -182,23 +212,24 @@ def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any]]:
         "by_reason": by_reason, "by_step": by_filter,
         "pii": {k: total(f"pii_{k}", KEPT) for k in PII_KINDS},
     }
-    return counts, totals
+    return counts, totals, seconds
 
 
-def _train_or_load_tokenizer(cfg: Config, kept, run: RunDir, total_bytes: int) -> tuple[bytes, dict[str, Any]]:
+def _sample_rate(cfg: Config, total_bytes: int) -> float:
+    """Over-sample by hash (cheap, distributed), then pick exactly by hash order on the driver."""
+    if cfg.tokenizer.path:
+        return 0.0
+    return min(1.0, 1.5 * cfg.tokenizer.sample_bytes / max(total_bytes, 1))
+
+
+def _train_or_load_tokenizer(cfg: Config, sampled: list[dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
     if cfg.tokenizer.path:
         path = Path(cfg.tokenizer.path)
         path = path / "tokenizer.model" if path.is_dir() else path
         return path.read_bytes(), {"reused": str(path)}
     from model.tokenizer import train_tokenizer
 
-    budget = cfg.tokenizer.sample_bytes
-    # Over-sample by hash (cheap, distributed), then pick exactly by hash order on the driver.
-    rate = min(1.0, 1.5 * budget / max(total_bytes, 1))
-    seed = cfg.seed
-    sampled = kept.select_columns(["id", "text"]).filter(
-        lambda r: unit_hash(r["id"], seed, "tokenizer") < rate).take_all()
-    texts = select_training_sample(sampled, seed, budget)
+    texts = select_training_sample(sampled, cfg.seed, cfg.tokenizer.sample_bytes)
     if not texts:
         raise ConfigError("no documents survived cleaning and dedup: nothing to train the tokenizer on "
                           "(check the inputs or relax config field 'filters')")
@@ -221,11 +252,11 @@ def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: se
 
     vocab = Tokenizer.from_bytes(model_bytes).vocab_size
     dtype = token_dtype(vocab)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Plain tasks: the sentencepiece processor is cached per worker process (see pack.tokenize_batch),
+    # so there is no actor pool to start and scale.
     tokenized = kept.select_columns(["id", "text"]).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"model_bytes": model_bytes, "seed": cfg.seed,
-                                              "validation_ids": validation_ids},
-        batch_format="numpy", batch_size=128, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+        tokenize_batch, fn_kwargs={"model_bytes": model_bytes, "seed": cfg.seed, "validation_ids": validation_ids},
+        batch_format="numpy", batch_size=128,
     ).sort(["order", "id"])
 
     def write(relpath: str, data: bytes) -> None:
@@ -268,8 +299,6 @@ def run(config: Config) -> dict[str, Any]:
     processor = ProcessBatch(config.clean, filters, config.pii)
     processed = _build_records(config, files).map_batches(
         processor, batch_format="pyarrow", batch_size=32).materialize()
-    step_cpu = {name[2:]: round(float(processed.sum(name) or 0.0), 3) for name in STEP_TIME_COLUMNS}
-    processed = processed.select_columns(SCHEMA.names)
     phase["read_clean_filter_pii"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -278,18 +307,21 @@ def run(config: Config) -> dict[str, Any]:
     dedup_stats: dict[str, Any] = {}
     if config.dedup.exact or config.dedup.near:
         removed, dedup_stats = dedup_dataset(survivors, config.dedup)
-        step_cpu["dedup"] = dedup_stats.pop("cpu_seconds_signatures")
+    # The per-step timing columns ride along until the one summary pass below has summed them.
     final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed},
                                   batch_format="pyarrow").materialize()
     phase["dedup"] = time.perf_counter() - mark
 
-    counts, _ = _aggregate_counts(final)
+    counts, _, step_seconds = _aggregate_counts(final)
     if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
         raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
+    step_cpu = {name[2:]: round(step_seconds[name], 3) for name in STEP_TIME_COLUMNS}
+    if "cpu_seconds_signatures" in dedup_stats:
+        step_cpu["dedup"] = dedup_stats.pop("cpu_seconds_signatures")
 
     rejects_dir = run_dir.path(STAGE, "rejects")
     run_dir.fs.delete_dir_contents(rejects_dir, missing_dir_ok=True)
-    rejected = final.filter(lambda r: r["status"] != KEPT)
+    rejected = final.filter(lambda r: r["status"] != KEPT).select_columns(SCHEMA.names)
     if counts["documents_in"] - counts["kept"]:
         rejected.repartition(1).write_parquet(rejects_dir, filesystem=run_dir.fs)
 
@@ -299,12 +331,18 @@ def run(config: Config) -> dict[str, Any]:
                           "relax config field 'filters' or check the inputs)")
 
     mark = time.perf_counter()
-    model_bytes, tok_info = _train_or_load_tokenizer(config, kept, run_dir, counts["bytes_out"])
+    # One pass gives every kept id (for the split) and the tokenizer's over-sample.
+    rows = kept.map_batches(_ids_and_sample, fn_kwargs={"seed": config.seed,
+                                                        "rate": _sample_rate(config, counts["bytes_out"])},
+                            batch_format="pyarrow").take_all()
+    kept_ids = [r["id"] for r in rows]
+    sampled = [r for r in rows if r["text"] is not None]
+    del rows
+    model_bytes, tok_info = _train_or_load_tokenizer(config, sampled)
     run_dir.write_bytes(f"{STAGE}/tokenizer/tokenizer.model", model_bytes)
     phase["tokenizer"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    kept_ids = [r["id"] for r in kept.select_columns(["id"]).take_all()]
     validation_ids = assign_validation(kept_ids, config.seed, config.pack.validation_fraction)
     run_dir.fs.delete_dir_contents(run_dir.path(STAGE, "shards"), missing_dir_ok=True)
     packed, tokenize_cpu = _pack(config, kept, run_dir, model_bytes, validation_ids)
