@@ -248,28 +248,47 @@ class _Signer:
                 "t_dedup": np.full(n, (time.perf_counter() - started) / max(n, 1))}
 
 
+# Both groupbys shuffle on a coarse part of the key (``key % parts``): every row of one bucket lands
+# in the same group, and the UDF groups a part's rows by the full key in a dict. The bands are still
+# grouped across the cluster by a distributed hash shuffle, but the UDF runs once per part instead of
+# once per bucket (Ray's per-group call costs far more than the few rows most buckets hold).
+
+def _exact_parts(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
+    hashes = batch["exact_hash"]
+    return {**batch, "part": np.array([int(h[:15], 16) % parts for h in hashes], dtype=np.int64)}
+
+
 def _exact_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row per group: its ids joined ("" for a document with no copy) and its signing seconds.
+    """Groups of documents with the same exact hash (ids joined) in one part, and its signing seconds.
 
     Carrying the seconds here sums them in the same pass, instead of a separate aggregation job.
     """
-    ids = sorted(str(x) for x in group["id"])
-    return {"ids": np.array(["\t".join(ids) if len(ids) > 1 else ""], dtype=object),
-            "t_dedup": np.array([float(np.sum(group["t_dedup"]))])}
+    members: dict[str, list[str]] = {}
+    for doc, h in zip(group["id"], group["exact_hash"]):
+        members.setdefault(str(h), []).append(str(doc))
+    joined = ["\t".join(sorted(ids)) for ids in members.values() if len(ids) > 1]
+    seconds = [float(np.sum(group["t_dedup"]))] + [0.0] * max(len(joined) - 1, 0)
+    return {"ids": np.array(joined or [""], dtype=object), "t_dedup": np.array(seconds)}
 
 
-def _explode_bands(row: dict[str, Any], skip: set[str]) -> list[dict[str, Any]]:
+def _explode_bands(row: dict[str, Any], skip: set[str], parts: int) -> list[dict[str, Any]]:
     if row["id"] in skip:
         return []
-    return [{"key": int(k), "id": row["id"], "signature": row["signature"]} for k in row["band_keys"]]
+    return [{"part": int(k) % parts, "key": int(k), "id": row["id"], "signature": row["signature"]}
+            for k in row["band_keys"]]
 
 
 def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, np.ndarray]:
-    ids = [str(x) for x in group["id"]]
-    if len(ids) < 2:
-        return {"a": np.array([], dtype=object), "b": np.array([], dtype=object)}
-    sigs = [np.frombuffer(s, dtype=np.uint32) for s in group["signature"]]
-    edges = bucket_edges(ids, sigs, cfg)
+    buckets: dict[int, list[int]] = {}
+    for i, key in enumerate(group["key"].tolist()):
+        buckets.setdefault(key, []).append(i)
+    edges: list[tuple[str, str]] = []
+    for rows in buckets.values():
+        if len(rows) < 2:
+            continue
+        ids = [str(group["id"][i]) for i in rows]
+        sigs = [np.frombuffer(group["signature"][i], dtype=np.uint32) for i in rows]
+        edges.extend(bucket_edges(ids, sigs, cfg))
     return {"a": np.array([e[0] for e in edges], dtype=object), "b": np.array([e[1] for e in edges], dtype=object)}
 
 
@@ -285,11 +304,14 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     signed = kept.select_columns(["id", "text"]).map_batches(
         _Signer(cfg), batch_format="numpy", batch_size=64).materialize()
     n_signed = signed.count()  # known from the materialized blocks' metadata: no extra job
+    # Enough parts to balance the shuffle, few enough that the per-part UDF call is cheap.
+    parts = max(8 * partitions, n_signed * cfg.bands // 50_000)
     seconds = 0.0
     dup_groups: list[list[str]] = []
     if cfg.exact and n_signed:
-        grouped = signed.select_columns(["id", "exact_hash", "t_dedup"]).groupby(
-            "exact_hash", num_partitions=partitions).map_groups(_exact_group, batch_format="numpy")
+        grouped = signed.select_columns(["id", "exact_hash", "t_dedup"]).map_batches(
+            _exact_parts, fn_kwargs={"parts": parts}, batch_format="numpy").groupby(
+            "part", num_partitions=partitions).map_groups(_exact_group, batch_format="numpy")
         rows = grouped.take_all()
         seconds = float(sum(row["t_dedup"] for row in rows))
         dup_groups = sorted(row["ids"].split("\t") for row in rows if row["ids"])
@@ -300,8 +322,8 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     candidate_pairs = 0
     if cfg.near:
         bands = signed.select_columns(["id", "signature", "band_keys"]).flat_map(
-            _explode_bands, fn_kwargs={"skip": exact_removed})
-        pairs = bands.groupby("key", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
+            _explode_bands, fn_kwargs={"skip": exact_removed, "parts": parts})
+        pairs = bands.groupby("part", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
         edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
         candidate_pairs = len(edges)
         if cfg.verify == "exact" and edges:
