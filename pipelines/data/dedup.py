@@ -271,11 +271,16 @@ def _exact_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"ids": np.array(joined or [""], dtype=object), "t_dedup": np.array(seconds)}
 
 
-def _explode_bands(row: dict[str, Any], skip: set[str], parts: int) -> list[dict[str, Any]]:
-    if row["id"] in skip:
-        return []
-    return [{"part": int(k) % parts, "key": int(k), "id": row["id"], "signature": row["signature"]}
-            for k in row["band_keys"]]
+def _explode_bands(batch: dict[str, np.ndarray], skip: set[str], parts: int) -> dict[str, np.ndarray]:
+    """One row per (document, band) with its bucket key, vectorised over the batch."""
+    keep = np.array([str(i) not in skip for i in batch["id"]], dtype=bool)
+    ids = np.asarray(batch["id"], dtype=object)[keep]
+    signatures = np.asarray(batch["signature"], dtype=object)[keep]
+    band_rows = [np.asarray(k, dtype=np.int64) for k, kept in zip(batch["band_keys"], keep) if kept]
+    keys = np.concatenate(band_rows) if band_rows else np.zeros(0, dtype=np.int64)
+    per_doc = np.array([len(k) for k in band_rows], dtype=np.int64)
+    return {"part": np.remainder(keys, parts), "key": keys,  # remainder >= 0, like Python's %
+            "id": np.repeat(ids, per_doc), "signature": np.repeat(signatures, per_doc)}
 
 
 def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, np.ndarray]:
@@ -321,8 +326,8 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
     edges: list[tuple[str, str]] = []
     candidate_pairs = 0
     if cfg.near:
-        bands = signed.select_columns(["id", "signature", "band_keys"]).flat_map(
-            _explode_bands, fn_kwargs={"skip": exact_removed, "parts": parts})
+        bands = signed.select_columns(["id", "signature", "band_keys"]).map_batches(
+            _explode_bands, fn_kwargs={"skip": exact_removed, "parts": parts}, batch_format="numpy")
         pairs = bands.groupby("part", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
         edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
         candidate_pairs = len(edges)
