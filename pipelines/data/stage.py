@@ -134,6 +134,19 @@ def _mark_duplicates(batch: pa.Table, removed: dict[str, tuple[str, str]]) -> pa
     return batch
 
 
+def _select_status(batch: pa.Table, status: str, keep: bool) -> pa.Table:
+    """Rows whose status is (keep=True) or is not (keep=False) ``status``: one Arrow filter per
+    batch instead of a Python call per row."""
+    import pyarrow.compute as pc
+
+    mask = pc.equal(batch.column("status"), status)
+    return batch.filter(mask if keep else pc.invert(mask))
+
+
+def _status_rows(ds, status: str, keep: bool = True):
+    return ds.map_batches(_select_status, fn_kwargs={"status": status, "keep": keep}, batch_format="pyarrow")
+
+
 def _summarize(batch: pa.Table) -> pa.Table:
     """Per-batch counts by (status, reason); summed on the driver."""
     frame = batch.to_pandas()
@@ -302,7 +315,7 @@ def run(config: Config) -> dict[str, Any]:
     phase["read_clean_filter_pii"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    survivors = processed.filter(lambda r: r["status"] == KEPT)
+    survivors = _status_rows(processed, KEPT)
     removed: dict[str, tuple[str, str]] = {}
     dedup_stats: dict[str, Any] = {}
     if config.dedup.exact or config.dedup.near:
@@ -321,11 +334,11 @@ def run(config: Config) -> dict[str, Any]:
 
     rejects_dir = run_dir.path(STAGE, "rejects")
     run_dir.fs.delete_dir_contents(rejects_dir, missing_dir_ok=True)
-    rejected = final.filter(lambda r: r["status"] != KEPT).select_columns(SCHEMA.names)
+    rejected = _status_rows(final, KEPT, keep=False).select_columns(SCHEMA.names)
     if counts["documents_in"] - counts["kept"]:
         rejected.repartition(1).write_parquet(rejects_dir, filesystem=run_dir.fs)
 
-    kept = final.filter(lambda r: r["status"] == KEPT).select_columns(["id", "text"]).materialize()
+    kept = _status_rows(final, KEPT).select_columns(["id", "text"]).materialize()
     if kept.count() == 0:
         raise ConfigError("no documents survived cleaning and dedup (see data/rejects/; "
                           "relax config field 'filters' or check the inputs)")
