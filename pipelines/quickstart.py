@@ -30,7 +30,7 @@ class Config(StageConfig):
 CLI_FLAGS = (
     Flag(("--run",), "run", "run directory (default runs/quickstart)"),
     Flag(("--model",), "model", "model preset (default 10m)"),
-    Flag(("--steps",), "steps", "pretraining steps (default 100)", {"type": int}),
+    Flag(("--steps",), "steps", "pretraining steps (default 250, the recipe)", {"type": int}),
     Flag(("--seed",), "seed", "seed for every stage", {"type": int}),
 )
 
@@ -86,8 +86,9 @@ def run(config: Config) -> dict:
     RunDir(config.run).write_manifest("quickstart", manifest)
     wall = manifest["timings"]["wall_s"]
     bpb, unigram = figures.get("val_bits_per_byte"), figures.get("unigram_bits_per_byte")
-    print(f"quickstart: done in {wall / 60:.1f} min — validation {bpb:.3f} bits/byte against the corpus's unigram "
-          f"entropy {unigram:.3f} bits/byte")
+    measured = (f"validation {bpb:.3f} bits/byte against the corpus's unigram entropy {unigram:.3f} bits/byte"
+                if bpb is not None and unigram is not None else "no validation pass ran (too few steps)")
+    print(f"quickstart: done in {wall / 60:.1f} min — {measured}")
     print(f"quickstart: serve it with  groundup serve --model base={model_dir}")
     return manifest
 
