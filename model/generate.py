@@ -134,7 +134,8 @@ class _Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-def _make_generator(seed: int | None) -> torch.Generator | None:
+def seeded_generator(seed: int | None) -> torch.Generator | None:
+    """A per-sequence random generator (None: torch's global one), so a seed fixes one sequence's samples."""
     if seed is None:
         return None
     generator = torch.Generator()
@@ -166,7 +167,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]],
     if too_long:
         raise ValueError(f"prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens; "
                          f"the context holds {config.max_seq_len}")
-    seqs = [_Sequence(list(map(int, p)), sp, _make_generator(sp.seed),
+    seqs = [_Sequence(list(map(int, p)), sp, seeded_generator(sp.seed),
                       IncrementalDetokenizer(tokenizer, sp.stop) if tokenizer else None)
             for p, sp in zip(prompts, per_row)]
     was_training = model.training

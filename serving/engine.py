@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
-from model.generate import IncrementalDetokenizer, SamplingParams, sample_next_token
+from model.generate import IncrementalDetokenizer, SamplingParams, sample_next_token, seeded_generator
 from model.llama import KVCache, Transformer
 from model.tokenizer import Tokenizer
 
@@ -65,14 +65,6 @@ class _Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-def _seeded_generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16):
         if max_batch_size < 1:
@@ -111,7 +103,7 @@ class Engine:
         """Queue a sequence; ``on_event`` is called (from the engine's thread) with each event."""
         self.check_prompt(prompt)
         sequence = _Sequence(next(self._ids), [int(t) for t in prompt], params, on_event,
-                             IncrementalDetokenizer(self.tokenizer, params.stop), _seeded_generator(params.seed))
+                             IncrementalDetokenizer(self.tokenizer, params.stop), seeded_generator(params.seed))
         with self._work:
             self._waiting.append(sequence)
             self._work.notify()
