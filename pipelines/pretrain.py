@@ -170,10 +170,9 @@ def prepare(config: Config):
     if model_config.vocab_size < int(data["vocab_size"]):
         raise ConfigError(f"config field 'model_overrides.vocab_size': smaller than the tokenizer's {data['vocab_size']}")
 
-    import torch
+    from pipelines.train.trainer import decide_use_gpu
 
-    has_gpu = torch.cuda.is_available() if config.train.use_gpu is None else config.train.use_gpu
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    has_gpu, gpu_bf16 = decide_use_gpu(config.train.use_gpu, config.num_cpus)
     precision = resolve_precision(config.train.precision.dtype, has_gpu, gpu_bf16)
     plan = make_plan(config.train, seq, model_config.flops_per_token(seq), model_config.num_parameters, precision)
     splits = data["splits"]
@@ -197,8 +196,13 @@ def prepare(config: Config):
 
 def run(config: Config) -> dict[str, Any]:
     started = time.time()
-    spec, model_config, data, use_gpu = prepare(config)
+    from pipelines.train.trainer import fit, prepare_storage
+
     run_dir = RunDir(config.run)
+    storage = str(run_dir.local_path(STAGE))
+    if config.resume:  # fail before Ray starts (deciding on GPUs may start it)
+        prepare_storage(storage, RAY_RUN_NAME, resume=True)
+    spec, model_config, data, use_gpu = prepare(config)
     plan = spec.plan
     print(f"pretrain: model {config.model}: {model_config.describe()}", flush=True)
     print(f"pretrain: {plan.describe()}", flush=True)
@@ -206,9 +210,7 @@ def run(config: Config) -> dict[str, Any]:
           f"({plan.total_steps / spec.task.order.steps_per_epoch:.2f} epochs)", flush=True)
 
     from pipelines.ray_env import ensure_ray
-    from pipelines.train.trainer import fit, prepare_storage
 
-    storage = str(run_dir.local_path(STAGE))
     resumed = prepare_storage(storage, RAY_RUN_NAME, config.resume)
     out = run_dir.local_path(STAGE)
     if not resumed:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,26 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_gpu_use_is_decided_by_the_cluster_not_the_driver(ray_cluster):
+    """The driver here has no CUDA; a node advertising a GPU makes training ask for GPUs (bf16 assumed,
+    checked on the worker); an explicit setting always wins."""
+    import ray
+
+    from pipelines.train.trainer import decide_use_gpu
+
+    assert decide_use_gpu(None) == (False, True)
+    assert decide_use_gpu(True) == (True, True)
+    node = ray_cluster.add_node(num_cpus=0, num_gpus=1)
+    try:
+        ray_cluster.wait_for_nodes()
+        assert ray.cluster_resources().get("GPU") == 1
+        assert decide_use_gpu(None) == (True, True)
+        assert decide_use_gpu(False) == (False, True)
+    finally:
+        ray_cluster.remove_node(node)
+        deadline = time.monotonic() + 60  # later tests must not see the GPU (their training would wait for it)
+        while ray.cluster_resources().get("GPU", 0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not ray.cluster_resources().get("GPU", 0)

@@ -109,6 +109,13 @@ def evaluate(engine, task: Task, rank: int, world: int, micro: int, device: torc
     return task.eval_summary(float(totals[0] / max(totals[1], 1)))
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """The driver may have chosen bf16 without seeing the GPUs (see trainer.decide_use_gpu)."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"config field 'train.precision.dtype': bf16 is not supported by "
+                           f"{torch.cuda.get_device_name(device)}; use fp16 or fp32")
+
+
 def train_worker(spec: LoopSpec) -> None:
     """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
     import deepspeed
@@ -122,6 +129,7 @@ def train_worker(spec: LoopSpec) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    check_precision(plan.precision, device)
 
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = task.build_model()

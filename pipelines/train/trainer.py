@@ -20,6 +20,27 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def decide_use_gpu(requested: bool | None, num_cpus: int | None = None) -> tuple[bool, bool]:
+    """(use GPUs, GPUs do bf16) for the workers, decided where they will run, not on the driver.
+
+    A submitted job's driver sits on the head node, which usually has no GPU: unless the config says,
+    look at the cluster's GPUs (joining or starting Ray). An autoscaling cluster with no GPU node up
+    yet shows none, so there ``train.use_gpu=true`` must be said. When only the cluster has GPUs the
+    driver cannot ask them about bf16: assume it (every data-centre GPU since the A100) and let the
+    worker check (``loop.check_precision``).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return (True if requested is None else requested), torch.cuda.is_bf16_supported()
+    if requested is None:
+        from pipelines.ray_env import ensure_ray
+
+        ensure_ray(num_cpus)
+        requested = cluster_has_gpus()
+    return requested, True
+
+
 def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
