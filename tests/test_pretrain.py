@@ -198,3 +198,23 @@ def test_gpu_use_is_decided_by_the_cluster_not_the_driver(ray_cluster):
         while ray.cluster_resources().get("GPU", 0) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not ray.cluster_resources().get("GPU", 0)
+
+
+def test_compiled_model_trains_like_eager_and_progress_shows_once(reference_run, data_dir, tmp_path_factory):
+    """train.compile=true (nn.Module.compile in each worker) gives the eager run's losses and a checkpoint
+    with the usual weight names; each progress line reaches the console once (Train's print patch doubled them)."""
+    reference = _train_losses(reference_run[0])
+    run = _run_dir(tmp_path_factory, data_dir, "compiled")
+    overrides = [f"run={run}", *BASE_OVERRIDES, "train.zero.stage=0", "train.compile=true", "train.eval.samples=0"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain", *overrides], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _train_losses(run)
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    progress = [line for line in proc.stdout.splitlines() if f"[pretrain] step {STEPS}/{STEPS}" in line]
+    assert len(progress) == 1, progress
+
+    from model.checkpoint import load_model
+
+    load_model(run / "pretrain" / "model")  # strict load: no "_orig_mod." prefixes

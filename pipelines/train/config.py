@@ -90,6 +90,9 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model in each worker (in place, so checkpoint "
+                          "names stay the same): fused kernels, about 2x tokens/s on GPUs after a minute of "
+                          "compiling; first steps are slow")
     log_every: int = Field(10, ge=1, description="progress line every this many steps")
     max_failures: int = Field(2, ge=-1, description="worker failures survived by restoring the last checkpoint")
     stop_at_step: int | None = Field(None, ge=1, description="stop (as if preempted) after this step, "

@@ -19,7 +19,7 @@ import torch
 from pipelines.train.checkpoint import (EXPORT_DIR, gather_full_state_dict, load_training_state,
                                         save_training_state)
 from pipelines.train.config import TrainConfig
-from pipelines.train.metrics import MetricsLogger
+from pipelines.train.metrics import MetricsLogger, say
 from pipelines.train.plan import TrainPlan
 from pipelines.train.schedule import make_schedule
 
@@ -80,7 +80,7 @@ def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected\n")
-    print(f"[fault] rank {rank} exits abruptly at step {step} (fault injection)", flush=True)
+    say(f"[fault] rank {rank} exits abruptly at step {step} (fault injection)")
     os._exit(1)
 
 
@@ -135,6 +135,8 @@ def train_worker(spec: LoopSpec) -> None:
     model = task.build_model()
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = config.activation_checkpointing
+    if config.compile:
+        model.compile()  # nn.Module.compile: compiled in place, state_dict keys unchanged (no "_orig_mod.")
     opt = config.optimizer
     optimizer = torch.optim.AdamW(_decay_groups(model, opt.weight_decay), lr=opt.lr,
                                   betas=(opt.beta1, opt.beta2), eps=opt.eps)
@@ -150,7 +152,7 @@ def train_worker(spec: LoopSpec) -> None:
             state = load_training_state(engine, Path(directory), rank)
         start_step = state["step"]
         if rank == 0:
-            print(f"[{task.name}] restored step {start_step} from checkpoint {checkpoint.path}", flush=True)
+            say(f"[{task.name}] restored step {start_step} from checkpoint {checkpoint.path}")
 
     from pipelines.train.peak import device_peak_flops
 

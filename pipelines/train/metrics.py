@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ def format_rate(value: float, unit: str) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f} {prefix}{unit}"
     return f"{value:.1f} {unit}"
+
+
+def say(line: str) -> None:
+    """One line to the console, once.
+
+    Inside a Ray Train worker ``print`` is patched to tee into Train's logger as well as the stream, and
+    both reach the driver: every progress line showed twice. Writing to the stream directly shows it
+    once (and it still lands in the worker's log file).
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class MetricsLogger:
@@ -69,7 +81,7 @@ class MetricsLogger:
                   "model_flops_per_s": model_flops, "mfu": model_flops / self.peak_flops if self.peak_flops else None}
         self._write(record)
         if self.enabled and (step % self.log_every == 0 or step == self.total_steps or step == self.start_step + 1):
-            print(self.progress_line(record), flush=True)
+            say(self.progress_line(record))
         return record
 
     def recent_step_seconds(self) -> float:
@@ -93,9 +105,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(f"[{self.prefix}] eval @ step {step}: {shown}", flush=True)
+        say(f"[{self.prefix}] eval @ step {step}: {shown}")
         for index, text in enumerate(samples):
-            print(f"[{self.prefix}]   sample {index}: {text!r}", flush=True)
+            say(f"[{self.prefix}]   sample {index}: {text!r}")
             if self.writer is not None:
                 self.writer.add_text(f"samples/{index}", text, step)
 
