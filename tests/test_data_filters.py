@@ -51,6 +51,24 @@ def test_language_filter():
     assert language_filter(french, LanguageConfig()) == "language:not_en"
 
 
+def test_language_scores_equal_py3langid_own_walk():
+    """The vectorised DFA walk gives py3langid's exact scores, on any script and on broken bytes."""
+    import random
+
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    from pipelines.data.filters import _language_identifier, _WindowedIdentifier
+
+    fast = _language_identifier()
+    assert isinstance(fast, _WindowedIdentifier) and fast._depth >= 4
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    rng = random.Random(0)
+    texts = [PROSE, "", "a", "  \n", "東京は晴れ", "Привет, мир", "Le chat dort sur le canapé. " * 20]
+    texts += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(1, 400))) for _ in range(50)]
+    for text in texts:
+        assert (fast._decide(text) == reference._decide(text)).all(), text[:40]
+
+
 def test_gopher_quality_rules():
     cfg = GopherQualityConfig()
     assert gopher_quality("too short to be a document", cfg) == "gopher_quality:too_few_words"

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-
+from py3langid.langid import MODEL_FILE, LanguageIdentifier, visit_counts
 from pydantic import Field
 
 from pipelines.config import StrictModel
@@ -174,11 +174,80 @@ def effective_filters(cfg: FiltersConfig, preset: str) -> FiltersConfig:
 
 # ---------------------------------------------------------------- language
 
-@lru_cache(maxsize=1)
-def _language_identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+class _WindowedIdentifier(LanguageIdentifier):
+    """py3langid's identifier with its byte-by-byte DFA walk replaced by a numpy computation.
 
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    The model's DFA is the Aho-Corasick automaton of its feature trie (checked for py3langid 0.4's
+    model: every one of its 26.8M transitions goes to the longest suffix of the input that is a trie
+    node). So the state after byte i depends only on the last ``depth`` bytes (the deepest node),
+    and walking every position's window from the root, all positions at once, gives the same states
+    as the sequential walk. Feature counts are then ordered by first occurrence, as the library's
+    Counter orders them, so scores are bit-identical. Everything else (encoding, NFC, scoring,
+    normalisation) is the library's own code.
+    """
+
+    __slots__ = ("_next", "_row_offsets", "_feature", "_depth")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # A view of the library's transition table (no copy: it has ~10M entries).
+        self._next = np.frombuffer(self.tk_nextmove, dtype=np.dtype(self.tk_nextmove.typecode))
+        self._row_offsets = np.asarray(self._rowbase, dtype=np.int64)
+        self._feature = np.asarray(self.tk_output, dtype=np.int64)
+        self._depth = self._trie_depth()
+
+    def _trie_depth(self) -> int:
+        """Longest shortest path from the root (breadth-first over all 256 bytes per state)."""
+        seen = np.zeros(len(self._row_offsets), dtype=bool)
+        seen[0] = True
+        frontier, depth, letters = np.array([0]), 0, np.arange(256)
+        while True:
+            found = []
+            for start in range(0, len(frontier), 4096):  # bounds the [states, 256] temporary
+                successors = self._next[self._row_offsets[frontier[start:start + 4096], None] + letters]
+                found.append(successors[~seen[successors]])
+                seen[found[-1]] = True
+            frontier = np.unique(np.concatenate(found))
+            if len(frontier) == 0:
+                return depth
+            depth += 1
+
+    def window_counts(self, data: bytes) -> dict[int, int] | None:
+        """Feature -> count over the DFA walk of ``data``, keys in first-visit order; None if none."""
+        letters = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        states = np.zeros(len(letters), dtype=np.int64)
+        for back in range(min(self._depth, len(letters)) - 1, -1, -1):
+            # every position i >= back takes byte i - back; positions before it have not started
+            states[back:] = self._next[self._row_offsets[states[back:]] + letters[:len(letters) - back]]
+        features = self._feature[states]
+        features = features[features >= 0]
+        if len(features) == 0:
+            return None
+        values, first, counts = np.unique(features, return_index=True, return_counts=True)
+        order = np.argsort(first)
+        return dict(zip(values[order].tolist(), counts[order].tolist()))
+
+    def _raw_score(self, text: bytes) -> np.ndarray:
+        visits = self.window_counts(text)
+        if visits:
+            return self._sparse_score(visits, self.nb_ptc)
+        return super()._raw_score(text)  # no features: the library's own fallback
+
+
+_SELF_CHECK = ("Grüße aus Köln — naïve café. 東京は晴れ。 Привет, мир! ... \n\t 12345 "
+               "the quick brown fox jumps over the lazy dog") * 3
+
+
+@lru_cache(maxsize=1)
+def _language_identifier() -> LanguageIdentifier:
+    identifier = _WindowedIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    # Guard against a py3langid whose automaton is not what the fast walk assumes: fall back to
+    # the library's own walk when they disagree on a mixed-script sample.
+    data = identifier._encode(_SELF_CHECK)
+    if identifier.window_counts(data) != dict(visit_counts(identifier.tk_nextmove, identifier._rowbase,
+                                                           identifier.tk_output, data)):
+        return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    return identifier
 
 
 LANGUAGE_PREFIX_CHARS = 10_000
