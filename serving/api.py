@@ -20,9 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                             ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-                             CompletionRequest, CompletionResponse, Delta, ErrorBody, ErrorResponse,
+from serving.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                             CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse,
                              ModelCard, ModelList, Usage, new_id, unix_time)
 
 HEALTH_TIMEOUT_S = 10.0
@@ -85,6 +84,41 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 def _sse(payload: Any) -> bytes:
     text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
+
+
+class ChunkWriter:
+    """The server-sent events of one streamed response, written as JSON text directly.
+
+    Building and dumping a pydantic model per chunk cost more CPU than decoding the token it carries, so
+    the constant head (id, object, created, model) is rendered once per response. The bytes are exactly
+    ``_sse(<the schema model>.model_dump())`` with unset delta fields and a None usage left out (the tests
+    compare the two), i.e. OpenAI's chunk format.
+    """
+
+    def __init__(self, object_name: str, response_id: str, created: int, model: str):
+        self._head = (f'data: {{"id":{json.dumps(response_id)},"object":{json.dumps(object_name)},'
+                      f'"created":{int(created)},"model":{json.dumps(model)},"choices":[')
+
+    def event(self, choices: list[str], usage: Usage | None = None) -> bytes:
+        """One SSE event from rendered choices (see :meth:`text_choice` and :meth:`delta_choice`)."""
+        tail = "]}" if usage is None else (
+            f'],"usage":{{"prompt_tokens":{usage.prompt_tokens},"completion_tokens":{usage.completion_tokens},'
+            f'"total_tokens":{usage.total_tokens}}}}}')
+        return f"{self._head}{','.join(choices)}{tail}\n\n".encode()
+
+    @staticmethod
+    def text_choice(index: int, text: str, finish_reason: str | None) -> str:
+        """A completions choice: ``{"index", "text", "logprobs", "finish_reason"}``."""
+        return (f'{{"index":{int(index)},"text":{json.dumps(text)},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}}}')
+
+    @staticmethod
+    def delta_choice(index: int, content: str | None, finish_reason: str | None, role: str | None = None) -> str:
+        """A chat chunk choice; like OpenAI, delta fields that are unset are left out."""
+        delta = ",".join(part for part in (role is not None and f'"role":{json.dumps(role)}',
+                                           content is not None and f'"content":{json.dumps(content)}') if part)
+        return (f'{{"index":{int(index)},"delta":{{{delta}}},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}}}')
 
 
 def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
@@ -212,24 +246,21 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
                          for i in range(header.choices)])
 
         async def chunks():
+            writer = ChunkWriter("text_completion", response_id, created, request.model)
             tokens: dict[int, int] = {}
             open_choices = header.choices
             async for batch in stream:
+                events = []  # one write per batch from the model: fewer messages to Serve's proxy
                 for choice, event in batch:
                     tokens[choice] = event.completion_tokens
                     open_choices -= event.finish_reason is not None
                     if event.text or event.finish_reason:
-                        chunk = CompletionResponse(
-                            id=response_id, created=created, model=request.model,
-                            choices=[CompletionChoice(index=choice, text=event.text,
-                                                      finish_reason=event.finish_reason)],
-                            usage=usage(header, tokens) if open_choices == 0 else None).model_dump()
-                        if chunk["usage"] is None:
-                            chunk.pop("usage")
-                        yield _sse(chunk)
+                        events.append(writer.event([writer.text_choice(choice, event.text, event.finish_reason)],
+                                                   usage(header, tokens) if open_choices == 0 else None))
+                if events:
+                    yield b"".join(events)
             if (request.stream_options or {}).get("include_usage"):
-                yield _sse(CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
-                                              usage=usage(header, tokens)).model_dump())
+                yield writer.event([], usage(header, tokens))
 
         return streaming(chunks(), stream)
 
@@ -244,31 +275,25 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
                 choices=[ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish.get(i))
                          for i in range(header.choices)])
 
-        def chunk(choices: list[ChatChunkChoice], usage_now: Usage | None = None) -> bytes:
-            body = ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=choices,
-                                       usage=usage_now).model_dump()
-            if usage_now is None:
-                body.pop("usage")
-            for choice in body["choices"]:  # OpenAI leaves unset delta fields out
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-            return _sse(body)
-
         async def chunks():
-            yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                         for i in range(header.choices)])
+            writer = ChunkWriter("chat.completion.chunk", response_id, created, request.model)
+            yield writer.event([writer.delta_choice(i, "", None, role="assistant") for i in range(header.choices)])
             tokens: dict[int, int] = {}
             open_choices = header.choices
             async for batch in stream:
+                events = []  # one write per batch from the model: fewer messages to Serve's proxy
                 for choice, event in batch:
                     tokens[choice] = event.completion_tokens
                     open_choices -= event.finish_reason is not None
                     if event.text or event.finish_reason:
                         # The last chunk carries usage too, so clients that ignore stream_options see it.
-                        yield chunk([ChatChunkChoice(index=choice, delta=Delta(content=event.text or None),
-                                                     finish_reason=event.finish_reason)],
-                                    usage(header, tokens) if open_choices == 0 else None)
+                        events.append(writer.event(
+                            [writer.delta_choice(choice, event.text or None, event.finish_reason)],
+                            usage(header, tokens) if open_choices == 0 else None))
+                if events:
+                    yield b"".join(events)
             if (request.stream_options or {}).get("include_usage"):
-                yield chunk([], usage(header, tokens))
+                yield writer.event([], usage(header, tokens))
 
         return streaming(chunks(), stream)
 

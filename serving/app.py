@@ -113,6 +113,9 @@ class Config(StageConfig):
     max_batch_size: int = Field(16, ge=1, description="KV-cache rows: sequences decoded together per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests queued per model replica")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it out")
+    stream_interval: int = Field(
+        8, ge=1, description="tokens of a choice sent per streamed chunk (the first token always goes alone); "
+        "1 sends every token as it comes, larger values cut per-token overhead for higher throughput")
     device: str | None = Field(None, description="cuda, cpu, ...; default: CUDA when present")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no authentication")
     rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per minute per API key")
@@ -163,6 +166,7 @@ CLI_FLAGS: tuple[Flag, ...] = (
     Flag(("--host",), "host", "HTTP host (0.0.0.0 for every interface)"),
     Flag(("--replicas",), "replicas", "replicas per model", {"type": int}),
     Flag(("--num-gpus",), "num_gpus", "GPUs per model replica", {"type": float}),
+    Flag(("--stream-interval",), "stream_interval", "tokens per streamed chunk (1: every token)", {"type": int}),
     Flag(("--api-key",), "api_keys", "require this Bearer key (repeat for several)", {"action": "append"}),
     Flag(("--ui",), "ui", "serve the rating UI at /ui", {"action": argparse.BooleanOptionalAction}),
     Flag(("--database-url",), "database_url", "the UI's preference store (SQLAlchemy URL)"),
@@ -186,7 +190,7 @@ def build_application(config: Config):
             name=f"model-{entry.name}", max_ongoing_requests=config.max_ongoing_requests,
             ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}, **scaling)
         handles[entry.name] = deployment.bind(entry.name, entry.path, config.max_batch_size,
-                                              config.default_max_tokens, config.device)
+                                              config.default_max_tokens, config.device, config.stream_interval)
     settings = ApiSettings(max_context={m.name: m.max_context for m in config.models},
                            api_keys=tuple(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute)
     ingress = serve.deployment(serve.ingress()(OpenAIIngress)).options(

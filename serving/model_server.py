@@ -4,14 +4,19 @@ The ingress sends it a validated OpenAI request; it tokenizes (plain prompt or c
 the prompt against the context, and streams back a header (or an error) followed by batches of
 ``(choice_index, GenerationEvent)``. Tokenization lives here, next to the tokenizer that matches the
 weights, so the ingress never needs model files.
+
+Every message to the ingress costs far more CPU (serialisation, a Ray object report, an event-loop
+wake-up in both replicas and then in Serve's proxy) than a decode step of a small model, so a choice's
+tokens are coalesced into one event every ``stream_interval`` tokens (the first token and the last
+event always go at once, keeping time to first token; like vLLM's stream interval).
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -30,6 +35,35 @@ class RequestRejected:
     message: str
     param: str | None
     code: str
+
+
+class Coalescer:
+    """Merges one choice's events so that one goes out per ``interval`` tokens.
+
+    Called only from the engine's thread (the sequence's callback), so it needs no lock. ``add`` returns
+    the event to send now, or None while tokens are held back. The first event is sent at once (time to
+    first token), and an event that finishes the choice flushes everything held.
+    """
+
+    def __init__(self, interval: int):
+        if interval < 1:
+            raise ValueError("stream interval must be at least 1")
+        self.interval = interval
+        self._held: GenerationEvent | None = None
+        self._held_tokens = 0
+        self._sent_first = False
+
+    def add(self, event: GenerationEvent) -> GenerationEvent | None:
+        self._held_tokens += event.token_id is not None
+        held = self._held
+        if held is not None:  # later fields win; the texts join
+            event = replace(event, text=held.text + event.text,
+                            token_id=event.token_id if event.token_id is not None else held.token_id)
+        if self._sent_first and event.finish_reason is None and self._held_tokens < self.interval:
+            self._held = event
+            return None
+        self._held, self._held_tokens, self._sent_first = None, 0, True
+        return event
 
 
 @dataclass(frozen=True)
@@ -72,8 +106,11 @@ class ModelServer:
     """Decorated with ``serve.deployment`` by :mod:`serving.app` (replicas/resources come from config)."""
 
     def __init__(self, name: str, path: str, max_batch_size: int = 16, default_max_tokens: int = 256,
-                 device: str | None = None):
+                 device: str | None = None, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError("stream_interval must be at least 1")
         self.name = name
+        self.stream_interval = stream_interval
         self.device = pick_device(device)
         model, self.tokenizer = load_for_serving(path, self.device)
         self.engine = Engine(model, self.tokenizer, max_batch_size).start()
@@ -144,10 +181,12 @@ class ModelServer:
             for sample in range(request.n):
                 choice = prompt_index * request.n + sample
                 params = request.sampling_params(checked, sample)
-                callback = (lambda c: lambda e: loop.call_soon_threadsafe(queue.put_nowait, (c, e)))(choice)
-                sequence_ids.append(self.engine.submit(prompt, params, callback))
+                # Non-streamed answers are sent whole anyway: hold every token until the end.
+                interval = self.stream_interval if request.stream else checked + 1
+                sequence_ids.append(self.engine.submit(prompt, params, self._forward(choice, interval, loop, queue)))
                 open_choices.add(choice)
         first = True
+        counted: dict[int, int] = {}
         try:
             while open_choices:
                 batch = [await queue.get()]
@@ -156,16 +195,32 @@ class ModelServer:
                 if first:
                     self.time_to_first_token.observe(time.perf_counter() - started)
                     first = False
-                produced = sum(1 for _, event in batch if event.token_id is not None)
-                self.generated_tokens.inc(produced)
+                produced = 0
                 for choice, event in batch:
+                    produced += event.completion_tokens - counted.get(choice, 0)
+                    counted[choice] = event.completion_tokens
                     if event.finish_reason is not None:
                         open_choices.discard(choice)
+                if produced:  # Ray's counters refuse 0 (a first token that is a stop token adds none)
+                    self.generated_tokens.inc(produced)
                 yield batch
         finally:
             if open_choices:  # the client went away: free the rows for others
                 for sequence_id in sequence_ids:
                     self.engine.cancel(sequence_id)
+
+    @staticmethod
+    def _forward(choice: int, interval: int, loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue) -> Callable[[GenerationEvent], None]:
+        """The engine-thread callback of one choice: coalesce, and wake the event loop only to send."""
+        coalescer = Coalescer(interval)
+
+        def on_event(event: GenerationEvent) -> None:
+            ready = coalescer.add(event)
+            if ready is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, (choice, ready))
+
+        return on_event
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -105,6 +105,21 @@ def test_streaming_completion_with_stop_string(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
+def test_streamed_tokens_are_coalesced_per_interval_and_reassemble(client, serving_app):
+    interval = serving_app.config.stream_interval
+    assert interval > 1  # the served default coalesces
+    kwargs = dict(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))  # parsed as OpenAI's chunk objects
+    assert all(c.object == "text_completion" and len(c.choices) == 1 and c.choices[0].index == 0 for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    # the first token alone (time to first token), then up to `interval` tokens per chunk
+    assert len(chunks) <= 1 + -(-19 // interval) < 20
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == 20
+
+
 def test_raw_sse_format_ends_with_done(serving_app):
     with httpx.stream("POST", f"{serving_app.api_url}/completions", timeout=120,
                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True}) as response:
