@@ -60,11 +60,17 @@ def _module_text(module: str, tree: ast.Module) -> str:
     return "\n\n".join(sections).strip()
 
 
-def iter_stdlib_documents(root: Path | None = None) -> Iterator[dict]:
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's modules that hold corpus documents, in corpus order."""
     root = root or stdlib_root()
-    for path in sorted(root.rglob("*.py")):
-        if SKIPPED_PARTS.intersection(path.relative_to(root).parts):
-            continue
+    return [path for path in sorted(root.rglob("*.py")) if not SKIPPED_PARTS.intersection(path.relative_to(root).parts)]
+
+
+def iter_stdlib_documents(root: Path | None = None, paths: list[Path] | None = None) -> Iterator[dict]:
+    """Documents of ``paths`` (default: all of :func:`stdlib_files`); parsing is most of the cost, so
+    the data stage hands contiguous slices of the list to parallel tasks."""
+    root = root or stdlib_root()
+    for path in stdlib_files(root) if paths is None else paths:
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):

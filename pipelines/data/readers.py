@@ -352,3 +352,24 @@ def iter_builtin_records() -> Iterator[dict]:
 
     for doc in iter_builtin_documents():
         yield make_record(doc["id"], doc["text"], doc["source"], doc["id"], meta=doc["meta"])
+
+
+def builtin_parts(count: int) -> list[dict[str, Any]]:
+    """The built-in corpus cut into ``count`` contiguous slices of module files, then the pydoc
+    topics: read in order, the parts give :func:`iter_builtin_records` exactly."""
+    from pipelines.data.builtin import stdlib_files
+
+    files = [str(p) for p in stdlib_files()]
+    size = -(-len(files) // max(count, 1))
+    return [{"stdlib": files[i:i + size]} for i in range(0, len(files), size)] + [{"stdlib": None}]
+
+
+def read_builtin_part(part: dict[str, Any]) -> list[dict]:
+    """Records of one part from :func:`builtin_parts` (``stdlib: None`` means the pydoc topics)."""
+    from pathlib import Path
+
+    from pipelines.data.builtin import iter_pydoc_documents, iter_stdlib_documents
+
+    docs = (iter_pydoc_documents() if part["stdlib"] is None
+            else iter_stdlib_documents(paths=[Path(p) for p in part["stdlib"]]))
+    return [make_record(d["id"], d["text"], d["source"], d["id"], meta=d["meta"]) for d in docs]

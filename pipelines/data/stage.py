@@ -31,7 +31,8 @@ from pipelines.data.filters import FiltersConfig, apply_filters, effective_filte
 from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
                                  select_training_sample, token_dtype, tokenize_batch, unit_hash)
 from pipelines.data.pii import PIIConfig, redact
-from pipelines.data.readers import BUILTIN, InputFile, ReadConfig, iter_builtin_records, read_input_file, resolve_inputs
+from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, builtin_parts, read_builtin_part, read_input_file,
+                                    resolve_inputs)
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
 from pipelines.rundir import RunDir, new_manifest
 
@@ -74,6 +75,11 @@ CLI_FLAGS = (
 
 def _read_file(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
     return list(read_input_file(InputFile(**row["file"]), cfg))
+
+
+def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
+    stdlib = row["stdlib"]
+    return read_builtin_part({"stdlib": None if stdlib is None else [str(p) for p in stdlib]})
 
 
 class ProcessBatch:
@@ -182,7 +188,9 @@ def _build_records(cfg: Config, files: list[InputFile]):
         parts.append(ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
             _read_file, fn_kwargs={"cfg": cfg.read}).repartition(_processing_blocks()))
     if BUILTIN in cfg.inputs:
-        parts.append(ray.data.from_items(list(iter_builtin_records()), override_num_blocks=_processing_blocks()))
+        # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
+        pieces = builtin_parts(_processing_blocks())
+        parts.append(ray.data.from_items(pieces, override_num_blocks=len(pieces)).flat_map(_read_builtin))
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.union(part)
