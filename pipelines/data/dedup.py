@@ -220,6 +220,14 @@ def dedup_in_memory(docs: list[dict[str, str]], cfg: DedupConfig) -> dict[str, t
 
 # ---------------------------------------------------------------- Ray Data
 
+def sign_document(text: str, cfg: DedupConfig, prototype) -> tuple[str, bytes, np.ndarray]:
+    """(exact hash, MinHash signature bytes, band keys) of one document; empty ones when near is off."""
+    if not cfg.near:
+        return exact_hash(text), b"", np.zeros(0, dtype=np.int64)
+    sig = minhash_signature(shingle_hashes(text, cfg.ngram), prototype)
+    return exact_hash(text), sig.tobytes(), band_keys(sig, cfg.bands, cfg.rows_per_band)
+
+
 class _Signer:
     """map_batches UDF: exact hash, MinHash signature and band keys of each kept document."""
 
@@ -231,20 +239,10 @@ class _Signer:
         import time
 
         started = time.perf_counter()
-        cfg = self.cfg
-        sigs, keys, hashes = [], [], []
-        for text in batch["text"]:
-            hashes.append(exact_hash(text))
-            if cfg.near:
-                sig = minhash_signature(shingle_hashes(text, cfg.ngram), self.prototype)
-                sigs.append(sig.tobytes())
-                keys.append(band_keys(sig, cfg.bands, cfg.rows_per_band))
-            else:
-                sigs.append(b"")
-                keys.append(np.zeros(0, dtype=np.int64))
-        n = len(hashes)
-        return {"id": batch["id"], "exact_hash": np.array(hashes, dtype=object),
-                "signature": np.array(sigs, dtype=object), "band_keys": keys,
+        signed = [sign_document(text, self.cfg, self.prototype) for text in batch["text"]]
+        n = len(signed)
+        return {"id": batch["id"], "exact_hash": np.array([s[0] for s in signed], dtype=object),
+                "signature": np.array([s[1] for s in signed], dtype=object), "band_keys": [s[2] for s in signed],
                 "t_dedup": np.full(n, (time.perf_counter() - started) / max(n, 1))}
 
 
@@ -297,8 +295,12 @@ def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, n
     return {"a": np.array([e[0] for e in edges], dtype=object), "b": np.array([e[1] for e in edges], dtype=object)}
 
 
-def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
-    """Duplicates among the rows of ``kept`` (a Ray Dataset with ``id`` and ``text``).
+SIGNED_COLUMNS = ("id", "exact_hash", "signature", "band_keys", "t_dedup")
+
+
+def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """Duplicates among the rows of ``kept`` (a Ray Dataset with ``id`` and ``text``, or with
+    :data:`SIGNED_COLUMNS` already computed by :func:`sign_document` when ``signed``).
 
     Returns (removed id -> (kept id, kind), statistics).
     """
@@ -306,8 +308,11 @@ def dedup_dataset(kept, cfg: DedupConfig) -> tuple[dict[str, tuple[str, str]], d
 
     # A few partitions per CPU: the default (hundreds) costs seconds of scheduling on small corpora.
     partitions = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    signed = kept.select_columns(["id", "text"]).map_batches(
-        _Signer(cfg), batch_format="numpy", batch_size=64).materialize()
+    if signed:
+        signed = kept.select_columns(list(SIGNED_COLUMNS)).materialize()
+    else:
+        signed = kept.select_columns(["id", "text"]).map_batches(
+            _Signer(cfg), batch_format="numpy", batch_size=64).materialize()
     n_signed = signed.count()  # known from the materialized blocks' metadata: no extra job
     # Enough parts to balance the shuffle, few enough that the per-part UDF call is cheap.
     parts = max(8 * partitions, n_signed * cfg.bands // 50_000)

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StageConfig
 from pipelines.data.clean import CleanConfig, clean_document
-from pipelines.data.dedup import DedupConfig, dedup_dataset
+from pipelines.data.dedup import DedupConfig, dedup_dataset, new_minhash, sign_document
 from pipelines.data.filters import FiltersConfig, apply_filters, effective_filters
 from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
                                  select_training_sample, token_dtype, tokenize_batch, unit_hash)
@@ -83,10 +83,15 @@ def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class ProcessBatch:
-    """Clean, filter and redact every readable document of a batch; record why anything is dropped."""
+    """Clean, filter and redact every readable document of a batch; record why anything is dropped.
 
-    def __init__(self, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig):
-        self.clean, self.filters, self.pii = clean, filters, pii
+    With a ``dedup`` config it also signs every document it keeps (exact hash, MinHash signature,
+    band keys: :data:`dedup.SIGNED_COLUMNS`), so dedup needs no pass of its own over the texts.
+    """
+
+    def __init__(self, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig, dedup: DedupConfig | None = None):
+        self.clean, self.filters, self.pii, self.dedup = clean, filters, pii, dedup
+        self._prototype = None
 
     def _process(self, row: dict[str, Any], timing: dict[str, float]) -> None:
         t0 = time.perf_counter()
@@ -123,6 +128,23 @@ class ProcessBatch:
         n = max(len(rows), 1)
         for name in STEP_TIME_COLUMNS:
             table = table.append_column(name, pa.array([timing[name] / n] * len(rows), pa.float64()))
+        return self._sign(table, rows) if self.dedup is not None else table
+
+    def _sign(self, table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
+        started = time.perf_counter()
+        if self._prototype is None:
+            self._prototype = new_minhash(self.dedup)
+        kept = [row["status"] == KEPT for row in rows]
+        signed = [sign_document(row["text"], self.dedup, self._prototype) if k else None for row, k in zip(rows, kept)]
+        share = (time.perf_counter() - started) / max(sum(kept), 1)  # summed over kept rows only
+        columns = {
+            "exact_hash": pa.array([s[0] if s else None for s in signed], pa.string()),
+            "signature": pa.array([s[1] if s else None for s in signed], pa.binary()),
+            "band_keys": pa.array([s[2] if s else None for s in signed], pa.list_(pa.int64())),
+            "t_dedup": pa.array([share if k else 0.0 for k in kept], pa.float64()),
+        }
+        for name, values in columns.items():
+            table = table.append_column(name, values)
         return table
 
 
@@ -327,17 +349,18 @@ def run(config: Config) -> dict[str, Any]:
 
     mark = time.perf_counter()
     # Plain tasks, not actors: the processor holds nothing costly to build, and tasks start faster.
-    processor = ProcessBatch(config.clean, filters, config.pii)
+    dedup_on = config.dedup.exact or config.dedup.near
+    processor = ProcessBatch(config.clean, filters, config.pii, config.dedup if dedup_on else None)
     processed = _build_records(config, files).map_batches(
         processor, batch_format="pyarrow", batch_size=32).materialize()
-    phase["read_clean_filter_pii"] = time.perf_counter() - mark
+    phase["read_clean_filter_pii_sign"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     survivors = _status_rows(processed, KEPT)
     removed: dict[str, tuple[str, str]] = {}
     dedup_stats: dict[str, Any] = {}
-    if config.dedup.exact or config.dedup.near:
-        removed, dedup_stats = dedup_dataset(survivors, config.dedup)
+    if dedup_on:
+        removed, dedup_stats = dedup_dataset(survivors, config.dedup, signed=True)
     # The per-step timing columns ride along until the one summary pass below has summed them.
     final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed},
                                   batch_format="pyarrow").materialize()
