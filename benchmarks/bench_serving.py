@@ -212,9 +212,10 @@ def main() -> None:
         from ray import serve
 
         from pipelines.ray_env import ensure_ray
-        from serving.app import Config, deploy
+        from serving.app import Config, apply_serve_throughput_env, deploy
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        apply_serve_throughput_env()  # as `groundup serve` does, before this process starts Ray
         ensure_ray(num_cpus=max(4, args.threads + 2))
         port = free_port()
         config = Config(models=[f"bench={checkpoint}"], port=port, ui=False, block=False,

@@ -31,7 +31,10 @@ HEALTH_TIMEOUT_S = 10.0
 class ApiSettings:
     max_context: dict[str, int]  # served model name -> context length (for /v1/models)
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    rate_limit_per_minute: int | None = None  # per API key (per client address without keys)
+    # Per API key (per client address without keys), counted by each ingress replica on its own: with
+    # N ingress replicas a caller may get up to N times this.
+    rate_limit_per_minute: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # served name -> weights version (/v1/models)
 
 
 class ApiError(Exception):
@@ -180,16 +183,19 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
             raise ApiError(503, f"a model deployment is not ready: {type(err).__name__}", type="server_error")
         return {"status": "ok", "models": sorted(models)}
 
+    def card(name: str, created: int) -> ModelCard:
+        return ModelCard(id=name, created=created, max_model_len=settings.max_context.get(name),
+                         version=settings.versions.get(name) or None)
+
     @app.get("/v1/models", dependencies=[Depends(guard)])
     async def list_models() -> ModelList:
         created = unix_time()
-        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=settings.max_context.get(name))
-                               for name in sorted(models)])
+        return ModelList(data=[card(name, created) for name in sorted(models)])
 
     @app.get("/v1/models/{name}", dependencies=[Depends(guard)])
     async def get_model(name: str) -> ModelCard:
         handle_for(name)
-        return ModelCard(id=name, created=unix_time(), max_model_len=settings.max_context.get(name))
+        return card(name, unix_time())
 
     async def open_stream(request: CompletionRequest | ChatCompletionRequest):
         """Start generation; returns (header, the rest of the stream) or raises ApiError."""

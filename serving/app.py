@@ -10,8 +10,11 @@ like any other client. ``serving/serve_config.yaml`` deploys the same two applic
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import importlib.util
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -28,6 +31,44 @@ UI_ROUTE_PREFIX = "/ui"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
+# Ray Serve 2.60's throughput mode (Serve's performance guide): user code and the router on each
+# replica's main event loop (no hop to a second thread per message), gRPC between the ingress and the
+# model replicas. Direct ingress, which that mode also turns on, is kept off: it would serve HTTP from
+# the ingress replicas on ports of their own instead of the proxy's --port. Access logs stay unbuffered
+# and on stderr, so `groundup serve` still shows each request and error as it happens (measured: no
+# throughput difference on 2 cores).
+SERVE_THROUGHPUT_ENV: dict[str, str] = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
+
+
+def apply_serve_throughput_env() -> None:
+    """Export :data:`SERVE_THROUGHPUT_ENV` (values already set win) before Ray starts, so that a local
+    cluster started by this process passes it to Serve's controller and proxy too."""
+    for key, value in SERVE_THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the weight files' bytes, cached by (path, size, mtime) so configs rebuild cheaply."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        with open(path, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def weights_version(directory: Path) -> str:
+    """A short hash of a checkpoint's weights: the model version shown in /v1/models and kept with votes,
+    so that ratings of different weights served under one name stay apart."""
+    files = sorted(directory.glob("*.safetensors"))
+    return _weights_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))[:12]
+
+
 class ModelEntry(StrictModel):
     """A served model: its public name and a checkpoint directory (ours or a Hugging Face export)."""
 
@@ -35,6 +76,7 @@ class ModelEntry(StrictModel):
     path: str
     format: Literal["groundup", "hf"] = "groundup"
     max_context: int = 0
+    version: str = ""  # set from the weights (see weights_version)
 
     @staticmethod
     def parse(spec: str) -> dict[str, str]:
@@ -81,6 +123,7 @@ class ModelEntry(StrictModel):
             object.__setattr__(self, "format", "groundup")
             object.__setattr__(self, "max_context", config.max_seq_len)
         object.__setattr__(self, "path", str(directory.resolve()))
+        object.__setattr__(self, "version", weights_version(directory))
         return self
 
 
@@ -118,7 +161,10 @@ class Config(StageConfig):
         "1 sends every token as it comes, larger values cut per-token overhead for higher throughput")
     device: str | None = Field(None, description="cuda, cpu, ...; default: CUDA when present")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no authentication")
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per minute per API key")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per minute per API key, "
+                                              "counted by each ingress replica on its own")
+    throughput_mode: bool = Field(True, description="Ray Serve's throughput settings for the API's replicas "
+                                  "(SERVE_THROUGHPUT_ENV); on a running cluster set them there for the proxy too")
     ui: bool = Field(True, description="serve the rating UI at /ui (needs ui/app.py)")
     ui_api_url: str | None = Field(None, description="API base the UI calls; default: this server's /v1")
     database_url: str | None = Field(None, description="the UI's preference store; default: sqlite in the run dir")
@@ -181,6 +227,8 @@ def build_application(config: Config):
     from serving.api import ApiSettings, OpenAIIngress
     from serving.model_server import ModelServer
 
+    # The same settings on both sides of each call (the ingress's handles and the model replicas).
+    runtime_env = {"runtime_env": {"env_vars": dict(SERVE_THROUGHPUT_ENV)}} if config.throughput_mode else {}
     scaling: dict[str, Any] = {"num_replicas": config.replicas}
     if config.autoscaling is not None:
         scaling = {"num_replicas": "auto", "autoscaling_config": config.autoscaling.model_dump()}
@@ -188,14 +236,16 @@ def build_application(config: Config):
     for entry in config.models:
         deployment = serve.deployment(ModelServer).options(
             name=f"model-{entry.name}", max_ongoing_requests=config.max_ongoing_requests,
-            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}, **scaling)
+            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **runtime_env},
+            **scaling)
         handles[entry.name] = deployment.bind(entry.name, entry.path, config.max_batch_size,
                                               config.default_max_tokens, config.device, config.stream_interval)
     settings = ApiSettings(max_context={m.name: m.max_context for m in config.models},
+                           versions={m.name: m.version for m in config.models},
                            api_keys=tuple(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute)
     ingress = serve.deployment(serve.ingress()(OpenAIIngress)).options(
         name="openai-api", num_replicas=config.ingress_replicas, max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": config.ingress_num_cpus})
+        ray_actor_options={"num_cpus": config.ingress_num_cpus, **runtime_env})
     return ingress.bind(handles, settings)
 
 
@@ -265,6 +315,8 @@ def deploy(config: Config) -> dict[str, str]:
 
     from pipelines.ray_env import ensure_ray
 
+    if config.throughput_mode:
+        apply_serve_throughput_env()
     ensure_ray()
     serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config), name=API_APP_NAME, route_prefix=config.route_prefix, blocking=False)

@@ -161,6 +161,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "groundup"
     max_model_len: int | None = None
+    version: str | None = Field(None, description="extension: short hash of the served weights")
 
 
 class ModelList(BaseModel):

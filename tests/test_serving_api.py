@@ -29,6 +29,11 @@ def post(serving_app, path: str, timeout: float = 120, **kwargs) -> httpx.Respon
 def test_models_and_health(client, serving_app):
     models = client.models.list()
     assert sorted(m.id for m in models.data) == ["tiny", "tiny-2"]
+    versions = {m.id: m.version for m in models.data}  # the weights' short hash, kept with votes
+    assert versions["tiny"] == versions["tiny-2"] == serving_app.config.models[0].version
+    assert len(versions["tiny"]) == 12 and int(versions["tiny"], 16) >= 0
+    one = httpx.get(f"{serving_app.api_url}/models/tiny", timeout=30).json()
+    assert one["id"] == "tiny" and one["version"] == versions["tiny"]
     health = httpx.get(f"{serving_app.base_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 

@@ -38,6 +38,25 @@ def test_model_entries_are_parsed_and_checked(serving_checkpoint, tmp_path):
     assert "tokenizer.model" in config_error(models=[f"x={incomplete}"])
 
 
+def test_model_version_follows_the_weights(serving_checkpoint, tmp_path):
+    import shutil
+
+    import torch
+
+    from model.checkpoint import load_model, load_tokenizer, save_checkpoint
+
+    first = build_config(Config, values={"models": [f"a={serving_checkpoint}"]}).models[0].version
+    copy = tmp_path / "copy"
+    shutil.copytree(serving_checkpoint, copy)
+    assert build_config(Config, values={"models": [f"a={copy}"]}).models[0].version == first  # same bytes
+    model = load_model(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(model, copy, load_tokenizer(copy))  # new weights under the same path and name
+    second = build_config(Config, values={"models": [f"a={copy}"]}).models[0].version
+    assert second != first and len(second) == len(first) == 12
+
+
 def test_hf_export_is_accepted(serving_checkpoint, tmp_path):
     from model.checkpoint import load_model, load_tokenizer
     from model.hf import export_hf
