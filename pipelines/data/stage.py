@@ -91,7 +91,9 @@ class ProcessBatch:
 
     def __init__(self, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig, dedup: DedupConfig | None = None):
         self.clean, self.filters, self.pii, self.dedup = clean, filters, pii, dedup
-        self._prototype = None
+        # Built here and shipped with the UDF, so the permutations are not rebuilt (or datasketch
+        # imported) inside the timed signing of a worker's first batch.
+        self._prototype = new_minhash(dedup) if dedup is not None else None
 
     def _process(self, row: dict[str, Any], timing: dict[str, float]) -> None:
         t0 = time.perf_counter()
@@ -132,8 +134,6 @@ class ProcessBatch:
 
     def _sign(self, table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
         started = time.perf_counter()
-        if self._prototype is None:
-            self._prototype = new_minhash(self.dedup)
         kept = [row["status"] == KEPT for row in rows]
         signed = [sign_document(row["text"], self.dedup, self._prototype) if k else None for row, k in zip(rows, kept)]
         share = (time.perf_counter() - started) / max(sum(kept), 1)  # summed over kept rows only
