@@ -2,8 +2,9 @@
 
 Flow (each step can be switched off in the config):
 
-    read (quarantine unreadable) -> clean + filter + PII -> exact + MinHash-LSH dedup
-        -> train/reuse tokenizer -> tokenize (actors) -> sort by seeded hash -> pack into .npy shards
+    read (quarantine unreadable) -> clean + filter + PII + dedup signatures (one pass)
+        -> exact + MinHash-LSH dedup (groupbys) -> train/reuse tokenizer -> tokenize (tasks)
+        -> sort by seeded hash -> pack into .npy shards
 
 Every input document keeps one row through the whole job with ``status``/``reason`` saying where it
 ended, so counts add up by construction and every rejected document is written to
