@@ -160,6 +160,9 @@ class Config(StageConfig):
         8, ge=1, description="tokens of a choice sent per streamed chunk (the first token always goes alone); "
         "1 sends every token as it comes, larger values cut per-token overhead for higher throughput")
     device: str | None = Field(None, description="cuda, cpu, ...; default: CUDA when present")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights and KV cache: auto = bfloat16 on GPUs with bf16, float32 on CPU; "
+        "bfloat16 also pays on CPUs with AVX512-BF16/AMX")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no authentication")
     rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per minute per API key, "
                                               "counted by each ingress replica on its own")
@@ -213,6 +216,7 @@ CLI_FLAGS: tuple[Flag, ...] = (
     Flag(("--replicas",), "replicas", "replicas per model", {"type": int}),
     Flag(("--num-gpus",), "num_gpus", "GPUs per model replica", {"type": float}),
     Flag(("--stream-interval",), "stream_interval", "tokens per streamed chunk (1: every token)", {"type": int}),
+    Flag(("--dtype",), "dtype", "weights and KV cache: auto, float32 or bfloat16"),
     Flag(("--api-key",), "api_keys", "require this Bearer key (repeat for several)", {"action": "append"}),
     Flag(("--ui",), "ui", "serve the rating UI at /ui", {"action": argparse.BooleanOptionalAction}),
     Flag(("--database-url",), "database_url", "the UI's preference store (SQLAlchemy URL)"),
@@ -239,7 +243,8 @@ def build_application(config: Config):
             ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **runtime_env},
             **scaling)
         handles[entry.name] = deployment.bind(entry.name, entry.path, config.max_batch_size,
-                                              config.default_max_tokens, config.device, config.stream_interval)
+                                              config.default_max_tokens, config.device, config.stream_interval,
+                                              config.dtype)
     settings = ApiSettings(max_context={m.name: m.max_context for m in config.models},
                            versions={m.name: m.version for m in config.models},
                            api_keys=tuple(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute)

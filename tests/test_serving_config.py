@@ -107,3 +107,35 @@ def test_hf_export_serves_the_same_greedy_answer(serving_checkpoint, tmp_path):
         engine.run_until_idle()
         answers.append([e.token_id for e in events])
     assert answers[0] == answers[1] and len(answers[0]) == 8
+
+
+def test_serving_dtype_defaults_to_fp32_on_cpu_and_bf16_serves(serving_checkpoint):
+    """dtype=auto keeps fp32 on CPU; dtype=bfloat16 loads bf16 weights and a bf16 KV cache, generates the
+    requested tokens, and its logits stay within bf16 rounding of fp32's."""
+    import pytest
+    import torch
+
+    from model.generate import SamplingParams
+    from serving.engine import Engine
+    from serving.model_server import load_for_serving, serving_dtype
+
+    cpu = torch.device("cpu")
+    assert serving_dtype("auto", cpu) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        serving_dtype("float16x", cpu)
+    answers, logits = {}, {}
+    for name in ("float32", "bfloat16"):
+        model, tokenizer = load_for_serving(serving_checkpoint, cpu, name)
+        engine = Engine(model, tokenizer, max_batch_size=2)
+        assert next(model.parameters()).dtype == engine.cache.keys[0].dtype == serving_dtype(name, cpu)
+        prompt = tokenizer.encode("The history of", bos=True)
+        with torch.inference_mode():
+            logits[name] = model(torch.tensor([prompt])).float()
+        events = []
+        engine.submit(prompt,
+                      SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=()), events.append)
+        engine.run_until_idle()
+        answers[name] = [e.token_id for e in events]
+    assert len(answers["bfloat16"]) == len(answers["float32"]) == 8
+    scale = logits["float32"].abs().max()
+    assert (logits["bfloat16"] - logits["float32"]).abs().max() <= 0.05 * scale
