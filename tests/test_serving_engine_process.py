@@ -1,0 +1,79 @@
+"""The engine in a child process (serving.engine_process): same answers as the engine on a thread,
+cancellation frees the request, and a child that dies ends every open request with an error event."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+
+def _collect(engine, prompt, params):
+    events, done = [], threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    return engine.submit(prompt, params, on_event), events, done
+
+
+@pytest.fixture(scope="module")
+def engine_process(serving_checkpoint):
+    from serving.engine_process import EngineProcess
+
+    engine = EngineProcess(str(serving_checkpoint), "cpu", "float32", max_batch_size=4, num_threads=1)
+    yield engine
+    engine.shutdown()
+
+
+def test_child_engine_answers_like_the_threaded_engine(engine_process, serving_checkpoint):
+    from model.generate import SamplingParams
+    from serving.engine import Engine
+    from serving.model_server import load_for_serving
+
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=7, stop_token_ids=())
+    local = Engine(*load_for_serving(serving_checkpoint, torch.device("cpu")), max_batch_size=4)
+    tokenizer = local.tokenizer
+    prompts = [tokenizer.encode(text, bos=True) for text in ("The history of", "Rivers flow into")]
+    expected = []
+    for prompt in prompts:
+        events = []
+        local.submit(prompt, params, events.append)
+        local.run_until_idle()
+        expected.append([e.token_id for e in events])
+    runs = [_collect(engine_process, prompt, params) for prompt in prompts]
+    for (_, events, done), want in zip(runs, expected):
+        assert done.wait(60)
+        assert [e.token_id for e in events] == want and events[-1].finish_reason == "length"
+    assert engine_process.max_context == local.max_context and engine_process.is_alive()
+
+
+def test_cancel_ends_the_request(engine_process, serving_checkpoint):
+    from model.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=400, temperature=0, stop_token_ids=())
+    request_id, events, done = _collect(engine_process, [2, 10, 11, 12], params)
+    engine_process.cancel(request_id)
+    assert done.wait(60)
+    assert events[-1].finish_reason == "cancelled" and len(events) < 400
+
+
+def test_a_dead_child_ends_open_requests_with_an_error(serving_checkpoint):
+    from model.generate import SamplingParams
+    from serving.engine_process import EngineProcess
+
+    engine = EngineProcess(str(serving_checkpoint), "cpu", "float32", max_batch_size=2, num_threads=1)
+    _, events, done = _collect(engine, [2, 10, 11], SamplingParams(max_new_tokens=100_000, temperature=0,
+                                                                 stop_token_ids=()))
+    engine._process.kill()
+    assert done.wait(60)
+    assert events[-1].finish_reason == "error" and not engine.is_alive()
+
+
+def test_a_bad_checkpoint_fails_at_start_with_its_path(tmp_path):
+    from serving.engine_process import EngineProcess
+
+    with pytest.raises(RuntimeError, match=str(tmp_path)):
+        EngineProcess(str(tmp_path), "cpu", "float32", max_batch_size=2, num_threads=1)
