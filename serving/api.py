@@ -314,3 +314,71 @@ class OpenAIIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.models, self.settings)
+
+
+class _LocalCall:
+    """``.remote(...)`` on a method of a model server living in this replica: a coroutine, or a stream."""
+
+    def __init__(self, method, stream: bool):
+        self.method, self.stream = method, stream
+
+    def remote(self, *args):
+        if self.stream:
+            return _LocalStream(self.method(*args))
+        return self._call(*args)
+
+    async def _call(self, *args):
+        return self.method(*args)
+
+
+class _LocalStream:
+    """An async generator behind the streaming-response interface build_api uses (iterate, ``cancel``)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.generator.__anext__()
+
+    def cancel(self) -> None:  # closing runs the generator's finally: the engine frees its rows
+        asyncio.ensure_future(self.generator.aclose())
+
+
+class LocalModelHandle:
+    """A ModelServer in the ingress's own replica, shaped like its deployment handle (one Ray hop fewer)."""
+
+    def __init__(self, server, stream: bool = False):
+        self.server, self.stream = server, stream
+
+    def options(self, stream: bool = False, **_ignored) -> "LocalModelHandle":
+        return LocalModelHandle(self.server, stream)
+
+    @property
+    def generate(self) -> _LocalCall:
+        return _LocalCall(self.server.generate, stream=True)
+
+    @property
+    def info(self) -> _LocalCall:
+        return _LocalCall(self.server.info, stream=False)
+
+
+class ColocatedIngress:
+    """One model and the API in one deployment: the HTTP request is handled in the replica that decodes it.
+
+    Replicas (and autoscaling) then scale API and model together; used when one model is served.
+    """
+
+    def __init__(self, name: str, server_args: tuple, settings: ApiSettings):
+        from serving.model_server import ModelServer
+
+        self.name, self.settings = name, settings
+        self.server = ModelServer(*server_args)
+
+    def check_health(self) -> None:
+        self.server.check_health()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api({self.name: LocalModelHandle(self.server)}, self.settings)

@@ -242,3 +242,35 @@ def test_api_keys_and_rate_limit(serving_app):
     assert other.status_code == 200
     # the open app has no keys
     assert httpx.post(f"{serving_app.api_url}/completions", json=body, timeout=60).status_code == 200
+
+
+def test_single_model_app_is_colocated_and_serves_like_the_split_one(serving_app, client):
+    """One model: the API runs in the model's own replicas (one deployment, no separate ingress), answers
+    the same greedy text as the two-deployment app, streams it identically, and a client that leaves
+    mid-stream frees the row (later requests still complete)."""
+    from ray import serve
+
+    from conftest import _wait_healthy
+    from serving.app import build_application
+
+    solo = serving_app.config.model_copy(update={"models": serving_app.config.models[:1], "colocate": True})
+    serve.run(build_application(solo), name="groundup-solo", route_prefix="/solo", blocking=False)
+    try:
+        _wait_healthy(f"{serving_app.base_url}/solo/health")
+        deployments = serve.status().applications["groundup-solo"].deployments
+        assert list(deployments) == ["model-tiny"]
+        local = openai.OpenAI(base_url=f"{serving_app.base_url}/solo/v1", api_key="unused", max_retries=0,
+                              timeout=120)
+        kwargs = dict(model="tiny", prompt="The history of", max_tokens=10, temperature=0,
+                      extra_body={"ignore_eos": True})
+        expected = client.completions.create(**kwargs).choices[0].text
+        assert local.completions.create(**kwargs).choices[0].text == expected
+        streamed = "".join(c.choices[0].text for c in local.completions.create(stream=True, **kwargs) if c.choices)
+        assert streamed == expected
+        with httpx.stream("POST", f"{serving_app.base_url}/solo/v1/completions", timeout=60,
+                          json={**{k: v for k, v in kwargs.items() if k != "extra_body"}, "max_tokens": 400,
+                                "ignore_eos": True, "stream": True}) as response:
+            next(response.iter_lines())  # leave after the first chunk
+        assert local.completions.create(**kwargs).choices[0].text == expected
+    finally:
+        serve.delete("groundup-solo")
