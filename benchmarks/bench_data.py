@@ -27,8 +27,8 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.config import build_config  # noqa: E402
-from pipelines.data.builtin import iter_builtin_documents  # noqa: E402
+from pipelines.config import build_config
+from pipelines.data.builtin import iter_builtin_documents
 
 
 def perturbed_corpus(directory: Path, copies: int, seed: int = 0) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from model.checkpoint import load_model, load_tokenizer
 from model.generate import SamplingParams, generate

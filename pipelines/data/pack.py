@@ -37,12 +37,12 @@ class PackConfig(StrictModel):
 
 def unit_hash(doc_id: str, seed: int, purpose: str) -> float:
     """A uniform number in [0, 1) fixed by (purpose, seed, id): same answer on every run and node."""
-    digest = hashlib.blake2b(f"{purpose}:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
 def order_key(doc_id: str, seed: int) -> int:
-    digest = hashlib.blake2b(f"order:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"order:{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

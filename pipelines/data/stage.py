@@ -13,7 +13,6 @@ ended, so counts add up by construction and every rejected document is written t
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -293,7 +292,6 @@ def _train_or_load_tokenizer(cfg: Config, sampled: list[dict[str, Any]]) -> tupl
 
 
 def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: set[str]) -> tuple[dict, float]:
-    import ray
 
     from model.tokenizer import Tokenizer
 

@@ -22,7 +22,7 @@ def _cpu_key(precision: str, threads: int) -> str:
     return f"{platform.processor() or platform.machine()}|{os.cpu_count()}cpu|{threads}t|{precision}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_matmul_peak(precision: str = "bf16", threads: int | None = None) -> float:
     """Achieved FLOP/s of a large square matmul in ``precision`` with ``threads`` torch threads.
 
