@@ -225,6 +225,24 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
         completion = sum(tokens.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+    async def stream_events(request, header, stream, writer: ChunkWriter, render_choice) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed completion or chat: ``render_choice(choice, event)`` is the one part
+        that differs. The last choice's chunk carries usage too, so clients that ignore stream_options see it."""
+        tokens: dict[int, int] = {}
+        open_choices = header.choices
+        async for batch in stream:
+            events = []  # one write per batch from the model: fewer messages to Serve's proxy
+            for choice, event in batch:
+                tokens[choice] = event.completion_tokens
+                open_choices -= event.finish_reason is not None
+                if event.text or event.finish_reason:
+                    events.append(writer.event([render_choice(choice, event)],
+                                               usage(header, tokens) if open_choices == 0 else None))
+            if events:
+                yield b"".join(events)
+        if (request.stream_options or {}).get("include_usage"):
+            yield writer.event([], usage(header, tokens))
+
     def streaming(chunks: AsyncIterator[bytes], stream) -> StreamingResponse:
         async def body():
             try:
@@ -251,24 +269,10 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
                 choices=[CompletionChoice(index=i, text=texts[i], finish_reason=finish.get(i))
                          for i in range(header.choices)])
 
-        async def chunks():
-            writer = ChunkWriter("text_completion", response_id, created, request.model)
-            tokens: dict[int, int] = {}
-            open_choices = header.choices
-            async for batch in stream:
-                events = []  # one write per batch from the model: fewer messages to Serve's proxy
-                for choice, event in batch:
-                    tokens[choice] = event.completion_tokens
-                    open_choices -= event.finish_reason is not None
-                    if event.text or event.finish_reason:
-                        events.append(writer.event([writer.text_choice(choice, event.text, event.finish_reason)],
-                                                   usage(header, tokens) if open_choices == 0 else None))
-                if events:
-                    yield b"".join(events)
-            if (request.stream_options or {}).get("include_usage"):
-                yield writer.event([], usage(header, tokens))
-
-        return streaming(chunks(), stream)
+        writer = ChunkWriter("text_completion", response_id, created, request.model)
+        return streaming(stream_events(request, header, stream, writer,
+                                       lambda choice, event: writer.text_choice(choice, event.text,
+                                                                                event.finish_reason)), stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
     async def chat_completions(request: ChatCompletionRequest):
@@ -281,25 +285,13 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
                 choices=[ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish.get(i))
                          for i in range(header.choices)])
 
+        writer = ChunkWriter("chat.completion.chunk", response_id, created, request.model)
+
         async def chunks():
-            writer = ChunkWriter("chat.completion.chunk", response_id, created, request.model)
             yield writer.event([writer.delta_choice(i, "", None, role="assistant") for i in range(header.choices)])
-            tokens: dict[int, int] = {}
-            open_choices = header.choices
-            async for batch in stream:
-                events = []  # one write per batch from the model: fewer messages to Serve's proxy
-                for choice, event in batch:
-                    tokens[choice] = event.completion_tokens
-                    open_choices -= event.finish_reason is not None
-                    if event.text or event.finish_reason:
-                        # The last chunk carries usage too, so clients that ignore stream_options see it.
-                        events.append(writer.event(
-                            [writer.delta_choice(choice, event.text or None, event.finish_reason)],
-                            usage(header, tokens) if open_choices == 0 else None))
-                if events:
-                    yield b"".join(events)
-            if (request.stream_options or {}).get("include_usage"):
-                yield writer.event([], usage(header, tokens))
+            async for events in stream_events(request, header, stream, writer, lambda choice, event:
+                                              writer.delta_choice(choice, event.text or None, event.finish_reason)):
+                yield events
 
         return streaming(chunks(), stream)
 
@@ -350,11 +342,11 @@ class _LocalStream:
 class LocalModelHandle:
     """A ModelServer in the ingress's own replica, shaped like its deployment handle (one Ray hop fewer)."""
 
-    def __init__(self, server, stream: bool = False):
-        self.server, self.stream = server, stream
+    def __init__(self, server):
+        self.server = server
 
-    def options(self, stream: bool = False, **_ignored) -> "LocalModelHandle":
-        return LocalModelHandle(self.server, stream)
+    def options(self, **_ignored) -> LocalModelHandle:  # generate always streams, info never does
+        return self
 
     @property
     def generate(self) -> _LocalCall:

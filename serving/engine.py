@@ -116,6 +116,14 @@ class Engine:
             self._work.notify()
 
     @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def is_alive(self) -> bool:
+        """The background thread is running (see :meth:`start`)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

@@ -98,14 +98,6 @@ def load_for_serving(path: str | Path, device: torch.device, dtype: str = "auto"
     return load_model(path, device, torch_dtype), load_tokenizer(path)
 
 
-def _tokenizer_of(path: str | Path) -> Tokenizer:
-    """The tokenizer beside the weights (both our checkpoints and Hugging Face exports keep one)."""
-    tokenizer_file = Path(path) / "tokenizer.model"
-    if not tokenizer_file.is_file():
-        raise ValueError(f"{path}: no tokenizer.model beside the weights")
-    return Tokenizer.load(tokenizer_file)
-
-
 def _metrics():
     """Generated tokens (rate() of it is tokens/s) and time to first token, exported beside Serve's own.
 
@@ -134,24 +126,19 @@ class ModelServer:
         if engine_process:  # the weights live in the child only; the replica keeps the tokenizer
             from serving.engine_process import EngineProcess
 
-            self.tokenizer = _tokenizer_of(path)
+            self.tokenizer = load_tokenizer(path)  # both our checkpoints and HF exports keep tokenizer.model
             self.engine = EngineProcess(str(path), str(self.device), dtype, max_batch_size, torch.get_num_threads())
-            self.max_context, self.vocab_size = self.engine.max_context, self.engine.vocab_size
         else:
             model, self.tokenizer = load_for_serving(path, self.device, dtype)
             self.engine = Engine(model, self.tokenizer, max_batch_size).start()
-            self.max_context, self.vocab_size = self.engine.max_context, self.engine.config.vocab_size
         self.default_max_tokens = default_max_tokens
         self.generated_tokens, self.time_to_first_token, self.requests = _metrics()
 
     def info(self) -> dict:
-        return {"name": self.name, "max_context": self.max_context, "device": str(self.device)}
+        return {"name": self.name, "max_context": self.engine.max_context, "device": str(self.device)}
 
     def check_health(self) -> None:  # Serve calls this periodically; a dead engine restarts the replica
-        engine = self.engine
-        alive = engine.is_alive() if hasattr(engine, "is_alive") else (
-            engine._thread is not None and engine._thread.is_alive())
-        if not alive:
+        if not self.engine.is_alive():
             raise RuntimeError("the engine is not running")
 
     def _prompts(self, request: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
@@ -169,8 +156,8 @@ class ModelServer:
 
     def _validate(self, request, prompts: list[list[int]]) -> RequestRejected | int:
         """Returns max_new_tokens, or why the request cannot be served."""
-        context = self.max_context
-        vocab = self.vocab_size
+        context = self.engine.max_context
+        vocab = self.engine.vocab_size
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         for prompt in prompts:
             if any(t < 0 or t >= vocab for t in prompt):
