@@ -68,7 +68,9 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
                 groups[words[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
                                                                parser_class=_Parser)
             target = groups[words[0]]
-        sub = target.add_parser(words[-1], help=stage.help, description=stage.help)
+        # No -h here: "groundup STAGE --help" falls through to the stage's full parser (stage_parser),
+        # which lists the stage's own flags once its module is imported.
+        sub = target.add_parser(words[-1], help=stage.help, description=stage.help, add_help=False)
         sub.set_defaults(stage=stage)
         sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -89,6 +89,12 @@ def test_cli_help_lists_stages():
         assert stage in result.stdout
 
 
+def test_stage_help_lists_the_stage_flags():
+    for stage, flag in (("data", "--input"), ("pretrain", "--tokens-per-parameter"), ("serve", "--stream-interval")):
+        result = _cli(stage, "--help")
+        assert result.returncode == 0 and flag in result.stdout and "key=value" in result.stdout, stage
+
+
 def test_cli_unknown_command_and_bad_override_exit_2_with_one_line():
     unknown = _cli("frobnicate")
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
