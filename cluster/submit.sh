@@ -17,7 +17,7 @@
 #
 # examples:
 #   cluster/submit.sh data --input s3://<your-bucket>/corpus/ --run s3://<your-bucket>/runs/r1
-#   cluster/submit.sh pretrain --run /mnt/runs/r1 --model 125m --workers 4 train.use_gpu=true --precision bf16
+#   cluster/submit.sh pretrain --run s3://<your-bucket>/runs/r1 --model 125m --workers 4 train.use_gpu=true
 #   cluster/submit.sh --no-wait serve --model chat=/mnt/runs/r1/sft/final --num-gpus 1 --host 0.0.0.0 block=false
 set -euo pipefail
 

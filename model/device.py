@@ -27,15 +27,22 @@ def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype
     return None
 
 
-# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), used for MFU on GPUs.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "L40S": 362e12}
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s, half the "with sparsity" figure), used for
+# MFU on GPUs. Matched against torch.cuda.get_device_name in this order, so the PCIe / NVL parts (lower
+# clocks and power) are found before the SXM part that shares their family name.
+GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                 "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+
+
+def datasheet_peak_for(name: str) -> float | None:
+    """The datasheet peak for a CUDA device name such as "NVIDIA H100 80GB HBM3"; None when unknown."""
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
 
 
 def datasheet_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+    return datasheet_peak_for(torch.cuda.get_device_name(device))
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

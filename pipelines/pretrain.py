@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from pydantic import Field
 
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StageConfig
-from pipelines.rundir import RunDir, new_manifest
+from pipelines.rundir import RunDir, download, join, local_copy, new_manifest, remove, upload
 from pipelines.train.config import TrainConfig
+from pipelines.train.metrics import METRICS_FILE, TENSORBOARD_DIR
 from pipelines.train.data import (BatchOrder, PackedShards, bits_per_byte, eval_rows, shards_from_manifest,
                                   unigram_bits_per_byte)
 
@@ -116,7 +118,7 @@ class PretrainTask:
         from model.generate import SamplingParams, generate
         from model.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(self.tokenizer_path)
+        tokenizer = Tokenizer.load(local_copy(self.tokenizer_path))
         prompts = [self.validation_shards.rows([i])[0, :8].tolist()
                    for i in range(min(self.sample_count, self.validation_shards.num_rows))]
         if not prompts:
@@ -129,14 +131,15 @@ class PretrainTask:
         from model.checkpoint import save_checkpoint
         from model.tokenizer import Tokenizer
 
-        save_checkpoint(self._model_from(state_dict), directory, Tokenizer.load(self.tokenizer_path),
+        save_checkpoint(self._model_from(state_dict), directory, Tokenizer.load(local_copy(self.tokenizer_path)),
                         metadata={"stage": STAGE})
 
     def data_position(self, step: int) -> dict[str, int]:
         return self.order.position(step)
 
 
-def _read_data(run: RunDir) -> tuple[dict[str, Any], Path]:
+def _read_data(run: RunDir) -> tuple[dict[str, Any], str]:
+    """The data stage's outputs and its directory (a local path or an object-store URI)."""
     manifest = run.read_manifest("data")
     outputs = manifest.get("outputs", {})
     missing = [k for k in ("tokenizer", "vocab_size", "sequence_length", "splits") if k not in outputs]
@@ -145,7 +148,7 @@ def _read_data(run: RunDir) -> tuple[dict[str, Any], Path]:
     for split in ("train", "validation"):
         if split not in outputs["splits"] or not outputs["splits"][split].get("shards"):
             raise ConfigError(f"run {run.uri}: the data stage wrote no {split} shards")
-    return outputs, run.local_path("data")
+    return outputs, run.uri_of("data")
 
 
 def prepare(config: Config):
@@ -158,7 +161,7 @@ def prepare(config: Config):
     if config.model not in PRESETS:
         raise ConfigError(f"config field 'model': unknown preset {config.model!r} (choose {', '.join(PRESETS)})")
     run = RunDir(config.run)
-    data, data_dir = _read_data(run)
+    data, data_uri = _read_data(run)
     seq = config.sequence_length or int(data["sequence_length"])
     if seq > int(data["sequence_length"]):
         raise ConfigError(f"config field 'sequence_length': {seq} exceeds the data's rows ({data['sequence_length']})")
@@ -176,8 +179,8 @@ def prepare(config: Config):
     precision = resolve_precision(config.train.precision.dtype, has_gpu, gpu_bf16)
     plan = make_plan(config.train, seq, model_config.flops_per_token(seq), model_config.num_parameters, precision)
     splits = data["splits"]
-    train_shards = shards_from_manifest(data_dir, splits["train"], seq)
-    validation_shards = shards_from_manifest(data_dir, splits["validation"], seq)
+    train_shards = shards_from_manifest(data_uri, splits["train"], seq)
+    validation_shards = shards_from_manifest(data_uri, splits["validation"], seq)
     try:
         order = BatchOrder(train_shards.num_rows, plan.global_batch_sequences, config.seed)
     except ValueError as err:
@@ -187,10 +190,11 @@ def prepare(config: Config):
                         validation_shards=validation_shards, order=order,
                         validation_tokens=int(splits["validation"]["tokens"]),
                         validation_bytes=int(splits["validation"]["bytes"]),
-                        tokenizer_path=str(data_dir / data["tokenizer"]), eval_max_rows=eval_cfg.max_rows,
+                        tokenizer_path=join(data_uri, data["tokenizer"]), eval_max_rows=eval_cfg.max_rows,
                         sample_count=eval_cfg.samples, sample_tokens=eval_cfg.sample_tokens, seed=config.seed)
     spec = LoopSpec(task=task, train=config.train, plan=plan, deepspeed=deepspeed_config(config.train, plan),
-                    out_dir=str(run.local_path(STAGE)), seed=config.seed)
+                    out_dir=str(run.working_path(STAGE)), seed=config.seed,
+                    publish_uri=None if run.is_local else run.uri_of(STAGE))
     return spec, model_config, data, has_gpu
 
 
@@ -199,7 +203,7 @@ def run(config: Config) -> dict[str, Any]:
     from pipelines.train.trainer import fit, prepare_storage
 
     run_dir = RunDir(config.run)
-    storage = str(run_dir.local_path(STAGE))
+    storage = run_dir.uri_of(STAGE)  # Ray Train writes checkpoints here (local, shared or object store)
     if config.resume:  # fail before Ray starts (deciding on GPUs may start it)
         prepare_storage(storage, RAY_RUN_NAME, resume=True)
     spec, model_config, data, use_gpu = prepare(config)
@@ -212,10 +216,9 @@ def run(config: Config) -> dict[str, Any]:
     from pipelines.ray_env import ensure_ray
 
     resumed = prepare_storage(storage, RAY_RUN_NAME, config.resume)
-    out = run_dir.local_path(STAGE)
     if not resumed:
-        for stale in ("metrics.jsonl", "tensorboard"):
-            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        for stale in (METRICS_FILE, TENSORBOARD_DIR):
+            remove(run_dir.uri_of(STAGE, stale))
     ensure_ray(config.num_cpus)
     mark = time.perf_counter()
     result = fit(spec, storage, RAY_RUN_NAME, use_gpu)
@@ -225,15 +228,20 @@ def run(config: Config) -> dict[str, Any]:
     return finish(config, spec, model_config, data, result, started, train_seconds, resumed)
 
 
-def finish(config: Config, spec, model_config, data, result, started: float, train_seconds: float,
-           resumed: bool) -> dict[str, Any]:
+def _checkpoint_uri(checkpoint) -> str:
+    """A Ray Train checkpoint's location as the user would write it (a path, or s3://... / gs://...)."""
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{checkpoint.path}"
+
+
+def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Into ``out``: the final model (from the last checkpoint's export) and the curves PNG, from the
+    metrics log already there. Returns the trainer state and the metrics records."""
     from model.checkpoint import copy_checkpoint
     from pipelines.train.checkpoint import EXPORT_DIR, read_trainer_state
-    from pipelines.train.metrics import CURVES_FILE, METRICS_FILE, plot_curves, read_metrics
+    from pipelines.train.metrics import CURVES_FILE, plot_curves, read_metrics
 
-    run_dir = RunDir(config.run)
-    out = run_dir.local_path(STAGE)
-    with result.checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory:
         state = read_trainer_state(Path(directory))
         staging = out / "model.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -241,15 +249,37 @@ def finish(config: Config, spec, model_config, data, result, started: float, tra
     final_model = out / "model"
     shutil.rmtree(final_model, ignore_errors=True)
     staging.rename(final_model)  # the stable path later stages and `groundup serve` use
-
     records = read_metrics(out / METRICS_FILE)
+    plot_curves(records, out / CURVES_FILE, title)
+    return state, records
+
+
+def finish(config: Config, spec, model_config, data, result, started: float, train_seconds: float,
+           resumed: bool) -> dict[str, Any]:
+    from pipelines.train.metrics import CURVES_FILE
+
+    run_dir = RunDir(config.run)
+    title = f"pretrain {config.model} — {config.run}"
+    if run_dir.is_local:
+        state, records = _write_outputs(run_dir.local_path(STAGE), result.checkpoint, title)
+    else:  # build the outputs on this node, then upload them next to what the workers uploaded
+        with tempfile.TemporaryDirectory(prefix="groundup-pretrain-") as scratch:
+            out = Path(scratch)
+            if run_dir.exists(STAGE, METRICS_FILE):
+                download(run_dir.uri_of(STAGE, METRICS_FILE), out / METRICS_FILE)
+            state, records = _write_outputs(out, result.checkpoint, title)
+            upload(out / "model", run_dir.uri_of(STAGE, "model"))
+            if (out / CURVES_FILE).is_file():
+                upload(out / CURVES_FILE, run_dir.uri_of(STAGE, CURVES_FILE))
+    final_model = run_dir.uri_of(STAGE, "model")
     train_records = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     last_eval = evals[-1] if evals else {}
-    plot_curves(records, out / CURVES_FILE, f"pretrain {config.model} — {config.run}")
     seq = spec.plan.sequence_length
-    unigram = unigram_bits_per_byte(spec.task.train_shards, int(data["splits"]["train"]["bytes"]),
-                                    int(data["vocab_size"]))
+    train_split = data["splits"]["train"]
+    unigram = train_split.get("unigram_bits_per_byte")  # counted by the data stage since it packs the rows
+    if unigram is None:  # data from before it did: count here (downloads object-store shards to this node)
+        unigram = unigram_bits_per_byte(spec.task.train_shards, int(train_split["bytes"]), int(data["vocab_size"]))
     steps_done = int(state["step"])
     measured = [r for r in train_records[1:] if r["step"] > 1] or train_records
     tokens_per_s = (sum(r["tokens_per_s"] for r in measured) / len(measured)) if measured else None
@@ -264,8 +294,8 @@ def finish(config: Config, spec, model_config, data, result, started: float, tra
     manifest = new_manifest(
         STAGE, config, started,
         inputs={"data_manifest": run_dir.uri_of("data", "manifest.json")},
-        outputs={"model": "model", "metrics": METRICS_FILE, "tensorboard": "tensorboard", "curves_png": CURVES_FILE,
-                 "checkpoint": str(result.checkpoint.path), "model_config": model_config.model_dump(),
+        outputs={"model": "model", "metrics": METRICS_FILE, "tensorboard": TENSORBOARD_DIR, "curves_png": CURVES_FILE,
+                 "checkpoint": _checkpoint_uri(result.checkpoint), "model_config": model_config.model_dump(),
                  "plan": spec.plan.to_dict(), "deepspeed_config": spec.deepspeed},
         counts={"steps": steps_done, "tokens": steps_done * spec.plan.tokens_per_step,
                 "flops": steps_done * spec.plan.tokens_per_step * spec.plan.flops_per_token,

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from pipelines.cli import Flag, stage_main
 from pipelines.config import StageConfig, build_config
-from pipelines.rundir import RunDir, new_manifest
+from pipelines.rundir import RunDir, local_copy, new_manifest
 
 PRETRAIN_RECIPE = Path(__file__).parent / "recipes" / "quickstart_pretrain.yaml"
 SAMPLE_PROMPTS = ("The", "Return a", "This module provides", "If the argument is")
@@ -70,8 +70,8 @@ def run(config: Config) -> dict:
     pretrain_manifest = pretrain.run(build_config(pretrain.Config, PRETRAIN_RECIPE, values=values))
     pretrain_done = time.time()
 
-    model_dir = RunDir(config.run).local_path("pretrain", pretrain_manifest["outputs"]["model"])
-    samples = print_samples(model_dir, SAMPLE_PROMPTS, config.sample_tokens, config.seed)
+    model_dir = RunDir(config.run).uri_of("pretrain", pretrain_manifest["outputs"]["model"])
+    samples = print_samples(local_copy(model_dir), SAMPLE_PROMPTS, config.sample_tokens, config.seed)
     figures = pretrain_manifest["figures"]
     manifest = new_manifest(
         "quickstart", config, started,

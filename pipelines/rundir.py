@@ -8,10 +8,13 @@ object at once), so a crash never leaves a half-written file that looks complete
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,6 +45,97 @@ def join(base: str, *parts: str) -> str:
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
+
+
+def cache_root() -> Path:
+    """Where object-store files are copied on each node (``GROUNDUP_CACHE``, default ~/.cache/groundup)."""
+    return Path(os.environ.get("GROUNDUP_CACHE", Path.home() / ".cache" / "groundup")).expanduser()
+
+
+def _fingerprint(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of a file or of every file under a directory: a changed object gets a new copy."""
+    if info.type == pafs.FileType.Directory:
+        files = [e for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if e.type == pafs.FileType.File]
+    else:
+        files = [info]
+    return sorted((e.path, e.size or 0, e.mtime_ns or 0) for e in files)
+
+
+def local_copy(uri: str) -> Path:
+    """A path on this node for the file or directory ``uri``.
+
+    Local paths come back as they are. Object-store URIs are downloaded once per node into
+    ``cache_root()`` (keyed by URI, sizes and modification times, so a rewritten object is fetched
+    again); concurrent callers on one node (e.g. two training workers) wait on a file lock and share
+    one copy, and a download interrupted half-way is never used.
+    """
+    if is_local(uri):
+        return Path(resolve_filesystem(uri)[1])
+    from filelock import FileLock
+
+    fs, path = resolve_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"{uri}: not found")
+    key = hashlib.sha256(json.dumps([uri, _fingerprint(fs, path, info)]).encode()).hexdigest()[:24]
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / key / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
+    if target.exists():
+        return target
+    with FileLock(str(root / f"{key}.lock")):
+        if not target.exists():
+            partial = root / key / f".partial-{uuid.uuid4().hex[:8]}"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                download(uri, partial)
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+    return target
+
+
+def download(uri: str, local: Path) -> Path:
+    """Copy the file or directory ``uri`` (local or object store) to the local path ``local``."""
+    fs, path = resolve_filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        local.mkdir(parents=True, exist_ok=True)  # copy_files creates the subdirectories, not the top one
+    else:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
+                    use_threads=True)
+    return local
+
+
+def upload(local: Path, uri: str, replace: bool = True) -> None:
+    """Copy a local file or directory to ``uri`` (local or object store); ``replace`` clears a directory first."""
+    fs, path = resolve_filesystem(uri)
+    if is_local(uri) and Path(path).resolve() == Path(local).resolve():
+        return
+    if local.is_dir():
+        if replace and fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        fs.create_dir(path, recursive=True)
+    else:
+        fs.create_dir(path.rstrip("/").rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    use_threads=True)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or directory (local or object store); missing is fine."""
+    fs, path = resolve_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def scratch_dir(uri: str, *parts: str) -> Path:
+    """A node-local working directory standing in for ``uri`` while files are written (then uploaded)."""
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir(), "groundup-scratch", key).joinpath(*parts)
 
 
 def code_version() -> str:
@@ -94,10 +188,21 @@ class RunDir:
             return join(self.root, *parts)
         return join(self.uri, *parts)
 
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.uri)
+
     def local_path(self, *parts: str) -> Path:
         if not is_local(self.uri):
             raise ConfigError(f"run {self.uri}: this step needs a local run directory")
         return Path(self.path(*parts))
+
+    def working_path(self, *parts: str) -> Path:
+        """Where this node writes ``parts`` of the run: the run itself when local, else a scratch
+        directory whose contents the stage uploads (``upload``) before it writes its manifest."""
+        if is_local(self.uri):
+            return Path(self.path(*parts))
+        return scratch_dir(self.uri, *parts)
 
     def exists(self, *parts: str) -> bool:
         info = self.fs.get_file_info(self.path(*parts))

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.cli import Flag
 from pipelines.config import ConfigError, StageConfig, StrictModel, build_config
+from pipelines.rundir import is_local, local_copy
 
 API_APP_NAME = "groundup"
 UI_APP_NAME = "groundup-ui"
@@ -93,8 +94,12 @@ class ModelEntry(StrictModel):
 
         if not _NAME.match(self.name):
             raise ValueError(f"model {self.name!r}: names may use letters, digits and . _ : -")
-        directory = Path(self.path).expanduser()
         where = f"model {self.name}={self.path}"
+        remote = not is_local(self.path)
+        try:  # an object-store model is checked on a copy here; each replica fetches its own (local_copy)
+            directory = local_copy(self.path) if remote else Path(self.path).expanduser()
+        except ConfigError as err:
+            raise ValueError(f"{where}: {err}") from None
         if not directory.is_dir():
             raise ValueError(f"{where}: no such directory")
         config_path = directory / "config.json"
@@ -122,7 +127,7 @@ class ModelEntry(StrictModel):
                 raise ValueError(f"{where}: config.json is not a model config ({str(err).splitlines()[0]})") from None
             object.__setattr__(self, "format", "groundup")
             object.__setattr__(self, "max_context", config.max_seq_len)
-        object.__setattr__(self, "path", str(directory.resolve()))
+        object.__setattr__(self, "path", self.path if remote else str(directory.resolve()))
         object.__setattr__(self, "version", weights_version(directory))
         return self
 

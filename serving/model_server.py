@@ -88,7 +88,9 @@ def serving_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_for_serving(path: str | Path, device: torch.device, dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
     """Our checkpoint format or an exported Hugging Face Llama directory, on ``device`` in ``dtype``."""
     from model.hf import import_hf, is_hf_directory
+    from pipelines.rundir import local_copy
 
+    path = local_copy(str(path))  # object-store models: one download per node, shared by its replicas
     torch_dtype = serving_dtype(dtype, device)
     if is_hf_directory(path):
         model, tokenizer = import_hf(path)

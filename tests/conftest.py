@@ -13,7 +13,43 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def object_store():
+    """An S3-compatible object store for the session: moto's standalone server (a real HTTP S3 API
+    in its own process). The AWS_* variables point every S3 client at it (pyarrow reads
+    AWS_ENDPOINT_URL), and they are set before the Ray cluster starts so its workers inherit them.
+    Yields the name of an empty bucket."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(endpoint, timeout=2)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start")
+            time.sleep(0.2)
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="groundup-test", AWS_SECRET_ACCESS_KEY="groundup-test",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("groundup-test")
+    yield "groundup-test"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store):
     import ray
     from ray.cluster_utils import Cluster
 

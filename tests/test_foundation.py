@@ -9,7 +9,7 @@ from pydantic import Field
 
 from pipelines.config import ConfigError, StageConfig, StrictModel, build_config, parse_override
 from pipelines.data.builtin import iter_builtin_documents
-from pipelines.rundir import RunDir, new_manifest
+from pipelines.rundir import RunDir, local_copy, new_manifest, remove, upload
 
 
 def test_builtin_corpus_shape_size_and_stable_ids():
@@ -102,3 +102,28 @@ def test_cli_unknown_command_and_bad_override_exit_2_with_one_line():
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert "no_such_field" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_object_store_copies_are_fetched_once_per_version(object_store, tmp_path, monkeypatch):
+    """local_copy downloads an object-store file or directory once per node and again when it changes;
+    upload and remove round-trip directories; a missing object is a one-line error naming it."""
+    monkeypatch.setenv("GROUNDUP_CACHE", str(tmp_path / "cache"))
+    run = RunDir(f"s3://{object_store}/foundation/copies")
+    run.write_text("dir/a.txt", "one")
+    first = local_copy(run.uri_of("dir/a.txt"))
+    assert first.read_text() == "one" and first.is_relative_to(tmp_path / "cache")
+    assert local_copy(run.uri_of("dir/a.txt")) == first
+    run.write_text("dir/a.txt", "two, longer")
+    assert local_copy(run.uri_of("dir/a.txt")).read_text() == "two, longer"
+    assert (local_copy(run.uri_of("dir")) / "a.txt").read_text() == "two, longer"
+    with pytest.raises(ConfigError, match=r"foundation/copies/missing\.txt: not found"):
+        local_copy(run.uri_of("missing.txt"))
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    upload(tree, run.uri_of("tree"))
+    assert run.read_bytes("tree/sub/b.bin") == b"\x00\x01"
+    remove(run.uri_of("tree"))
+    assert not run.exists("tree") and not run.exists("tree/sub/b.bin")
+    assert local_copy(str(tree)) == tree  # local paths come back as they are

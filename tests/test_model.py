@@ -37,6 +37,16 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert config.flops_per_token(1024) - config.flops_per_token(512) == 12 * config.n_layers * config.dim * 512
 
 
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                           ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+                                           ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("Tesla T4", None)])
+def test_mfu_uses_the_datasheet_peak_of_the_exact_part(name, tflops):
+    from model.device import datasheet_peak_for
+
+    peak = datasheet_peak_for(name)
+    assert (peak / 1e12 if peak else None) == tflops
+
+
 def test_invalid_config_names_the_problem():
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig(dim=100, n_heads=3)

@@ -55,6 +55,21 @@ def assign_validation(ids: list[str], seed: int, fraction: float) -> set[str]:
     return chosen or {scored[0][1]}
 
 
+def target_token_counts(rows: np.ndarray, vocab_size: int) -> np.ndarray:
+    """How often each token id is a prediction target in ``rows`` (every token but each row's first)."""
+    return np.bincount(np.asarray(rows[:, 1:], dtype=np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+
+
+def entropy_bits_per_byte(counts: np.ndarray, num_bytes: int) -> float:
+    """Entropy of the unigram distribution ``counts``, in bits per byte of the text they encode:
+    the loss of a model that predicts every token from its frequency alone."""
+    total = int(counts.sum())
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum()) * total / max(num_bytes, 1)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
@@ -138,6 +153,7 @@ class ShardWriter:
     _pending: list[np.ndarray] = field(default_factory=list)
     _pending_len: int = 0
     _rows: list[np.ndarray] = field(default_factory=list)
+    _target_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def row_len(self) -> int:
@@ -173,6 +189,12 @@ class ShardWriter:
         np.save(buffer, np.ascontiguousarray(shard), allow_pickle=False)
         self.write(path, buffer.getvalue())
         self.shards.append({"path": path, "rows": int(len(shard))})
+        counts = target_token_counts(shard, int(shard.max()) + 1)
+        if len(counts) > len(self._target_counts):
+            counts[:len(self._target_counts)] += self._target_counts
+            self._target_counts = counts
+        else:
+            self._target_counts[:len(counts)] += counts
 
     def finish(self) -> dict[str, Any]:
         self._cut_rows()
@@ -192,4 +214,6 @@ class ShardWriter:
     def summary(self) -> dict[str, Any]:
         return {"shards": self.shards, "rows": sum(s["rows"] for s in self.shards), "tokens": self.tokens,
                 "bytes": self.bytes, "documents": self.documents, "padding_tokens": self.padding_tokens,
-                "dropped_tokens": self.dropped_tokens}
+                "dropped_tokens": self.dropped_tokens,
+                # The baseline a trained model must beat, counted here so training never re-reads the shards.
+                "unigram_bits_per_byte": entropy_bits_per_byte(self._target_counts, self.bytes)}

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.data.pack import entropy_bits_per_byte, target_token_counts
+from pipelines.rundir import join, local_copy
+
 
 @dataclass
 class PackedShards:
@@ -37,8 +40,8 @@ class PackedShards:
         return int(self._starts[-1])
 
     def _open(self) -> list[np.ndarray]:
-        if self._arrays is None:
-            self._arrays = [np.load(p, mmap_mode="r") for p in self.paths]
+        if self._arrays is None:  # object-store shards are copied to this node once, then memory-mapped
+            self._arrays = [np.load(local_copy(p), mmap_mode="r") for p in self.paths]
         return self._arrays
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:
@@ -94,22 +97,19 @@ def unigram_bits_per_byte(shards: PackedShards, num_bytes: int, vocab_size: int,
     model should land well below it. ``skip_ids`` leaves out e.g. padding.
     """
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for path in shards.paths:
-        array = np.load(path, mmap_mode="r")
+    for array in shards._open():
         for start in range(0, len(array), 4096):
-            counts += np.bincount(np.asarray(array[start:start + 4096, 1:]).ravel(), minlength=vocab_size)[:vocab_size]
+            counts += target_token_counts(np.asarray(array[start:start + 4096]), vocab_size)
     for token in skip_ids:
         counts[token] = 0
-    total = counts.sum()
-    p = counts[counts > 0] / total
-    bits_per_token = float(-(p * np.log2(p)).sum())
-    return bits_per_token * total / max(num_bytes, 1)
+    return entropy_bits_per_byte(counts, num_bytes)
 
 
 def bits_per_byte(mean_loss_nats: float, tokens: int, num_bytes: int) -> float:
     return mean_loss_nats / math.log(2) * tokens / max(num_bytes, 1)
 
 
-def shards_from_manifest(data_dir: Path, split: dict, sequence_length: int) -> PackedShards:
-    return PackedShards([str(data_dir / s["path"]) for s in split["shards"]], [int(s["rows"]) for s in split["shards"]],
+def shards_from_manifest(data_uri: str, split: dict, sequence_length: int) -> PackedShards:
+    """The split's shards under the data stage's directory (a local path or an object-store URI)."""
+    return PackedShards([join(data_uri, s["path"]) for s in split["shards"]], [int(s["rows"]) for s in split["shards"]],
                         sequence_length)

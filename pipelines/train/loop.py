@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import pyarrow.fs as pafs
 import torch
 
 from pipelines.train.checkpoint import (EXPORT_DIR, gather_full_state_dict, load_training_state,
                                         save_training_state)
 from pipelines.train.config import TrainConfig
-from pipelines.train.metrics import MetricsLogger, say
+from pipelines.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, say
 from pipelines.train.plan import TrainPlan
 from pipelines.train.schedule import make_schedule
 
@@ -56,8 +57,9 @@ class LoopSpec:
     train: TrainConfig
     plan: TrainPlan
     deepspeed: dict[str, Any]
-    out_dir: str  # rank 0 writes metrics.jsonl and TensorBoard events here
+    out_dir: str  # rank 0 writes metrics.jsonl and TensorBoard events here (a path on its node)
     seed: int
+    publish_uri: str | None = None  # object-store run: rank 0 uploads out_dir's logs here at each checkpoint
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -157,6 +159,8 @@ def train_worker(spec: LoopSpec) -> None:
     from pipelines.train.peak import device_peak_flops
 
     peak, _ = device_peak_flops(device, plan.precision) if rank == 0 else (0.0, "")
+    if rank == 0 and spec.publish_uri:
+        _fetch_logs(spec, restored=start_step > 0)
     logger = MetricsLogger(Path(spec.out_dir), plan.total_steps, plan.tokens_per_step, plan.flops_per_token,
                            peak * world, config.log_every, start_step, enabled=rank == 0, prefix=task.name)
     stop_at = min(plan.total_steps, config.stop_at_step or plan.total_steps)
@@ -197,8 +201,40 @@ def train_worker(spec: LoopSpec) -> None:
                 samples = task.samples(weights) if weights is not None else []
             logger.evaluation(step, last_eval, samples)
         if step % config.checkpoint.every_steps == 0 or is_last:
+            logger.flush()
             _report_checkpoint(engine, task, spec, rank, step, {**_scalars(last_train), **last_eval})
     logger.close()
+    if rank == 0:
+        _publish_logs(spec)
+
+
+def _fetch_logs(spec: LoopSpec, restored: bool) -> None:
+    """Object-store run, rank 0: start from a clean local log directory; when restoring, continue the
+    logs the previous attempt uploaded (it may have run on another node)."""
+    from pipelines.rundir import download, join, resolve_filesystem
+
+    out = Path(spec.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if not restored:
+        return
+    for name in (METRICS_FILE, TENSORBOARD_DIR):
+        uri = join(spec.publish_uri, name)
+        fs, path = resolve_filesystem(uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            download(uri, out / name)
+
+
+def _publish_logs(spec: LoopSpec) -> None:
+    """Object-store run, rank 0: upload the metrics log and TensorBoard events (no-op for local runs)."""
+    if not spec.publish_uri:
+        return
+    from pipelines.rundir import join, upload
+
+    out = Path(spec.out_dir)
+    for name in (METRICS_FILE, TENSORBOARD_DIR):
+        if (out / name).exists():
+            upload(out / name, join(spec.publish_uri, name))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +246,8 @@ def _report_checkpoint(engine, task: Task, spec: LoopSpec, rank: int, step: int,
     import ray.train
 
     directory = Path(tempfile.mkdtemp(prefix=f"{task.name}-ckpt-{step}-rank{rank}-"))
+    if rank == 0:  # logs first: a run restored from this checkpoint finds them at least this far
+        _publish_logs(spec)
     try:
         save_training_state(engine, directory, rank, {"step": step, "data_position": task.data_position(step),
                                                       "world_size": spec.plan.world_size})

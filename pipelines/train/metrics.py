@@ -111,6 +111,12 @@ class MetricsLogger:
             if self.writer is not None:
                 self.writer.add_text(f"samples/{index}", text, step)
 
+    def flush(self) -> None:
+        if self.enabled:
+            self.jsonl.flush()
+            if self.writer is not None:
+                self.writer.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()

@@ -66,17 +66,28 @@ def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
 
 
 def prepare_storage(storage_path: str, name: str, resume: bool) -> bool:
-    """True when a previous run exists to resume. Without ``resume`` an old run is set aside, not reused."""
-    run_dir = Path(storage_path) / name
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    """True when a previous run exists to resume. Without ``resume`` an old run is set aside, not reused.
+
+    ``storage_path`` is a local or shared path or an object-store URI (Ray Train writes to either)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.rundir import join, resolve_filesystem
+
+    run_uri = join(storage_path, name)
+    fs, run_path = resolve_filesystem(run_uri)
+    exists = (fs.get_file_info(run_path).type == pafs.FileType.Directory
+              and bool(fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))))
     if resume:
         if not exists:
-            raise ConfigError(f"--resume: no previous training run under {run_dir}")
+            raise ConfigError(f"--resume: no previous training run under {run_uri}")
         return True
     if exists:
-        stale = run_dir.with_name(f"{name}.replaced-{int(time.time())}")
-        run_dir.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if isinstance(fs, pafs.LocalFileSystem):  # rename first: a crash mid-delete leaves nothing half-gone
+            stale = Path(run_path).with_name(f"{name}.replaced-{int(time.time())}")
+            Path(run_path).rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            fs.delete_dir(run_path)
     return False
 
 
