@@ -8,13 +8,15 @@ sees exactly the batches an uninterrupted one would, on any number of workers.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pipelines.data.pack import entropy_bits_per_byte, target_token_counts
-from pipelines.rundir import join, local_copy
+from pipelines.rundir import is_local, join, local_copy
+from pipelines.train.metrics import say
 
 
 @dataclass
@@ -40,7 +42,13 @@ class PackedShards:
 
     def _open(self) -> list[np.ndarray]:
         if self._arrays is None:  # object-store shards are copied to this node once, then memory-mapped
+            started = time.perf_counter()
             self._arrays = [np.load(local_copy(p), mmap_mode="r") for p in self.paths]
+            remote = [a for a, p in zip(self._arrays, self.paths) if not is_local(p)]
+            if remote:  # the first step waits for this: say why
+                say(f"[data] {len(remote)} shard(s), {sum(a.nbytes for a in remote) / 1e6:.1f} MB under "
+                    f"{self.paths[0].rsplit('/', 1)[0]} ready in this node's cache "
+                    f"({time.perf_counter() - started:.1f} s)")
         return self._arrays
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:
