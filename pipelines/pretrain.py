@@ -23,7 +23,7 @@ from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StageConfig
 from pipelines.rundir import RunDir, download, join, local_copy, new_manifest, remove, upload
 from pipelines.train.config import TrainConfig
-from pipelines.train.metrics import METRICS_FILE, TENSORBOARD_DIR
+from pipelines.train.metrics import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from pipelines.train.data import (BatchOrder, PackedShards, bits_per_byte, eval_rows, shards_from_manifest,
                                   unigram_bits_per_byte)
 
@@ -239,7 +239,7 @@ def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], l
     metrics log already there. Returns the trainer state and the metrics records."""
     from model.checkpoint import copy_checkpoint
     from pipelines.train.checkpoint import EXPORT_DIR, read_trainer_state
-    from pipelines.train.metrics import CURVES_FILE, plot_curves, read_metrics
+    from pipelines.train.metrics import plot_curves, read_metrics
 
     with checkpoint.as_directory() as directory:
         state = read_trainer_state(Path(directory))
@@ -256,8 +256,6 @@ def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], l
 
 def finish(config: Config, spec, model_config, data, result, started: float, train_seconds: float,
            resumed: bool) -> dict[str, Any]:
-    from pipelines.train.metrics import CURVES_FILE
-
     run_dir = RunDir(config.run)
     title = f"pretrain {config.model} — {config.run}"
     if run_dir.is_local:

@@ -234,15 +234,15 @@ def test_object_store_run_directory(object_store, reference_run, data_dir, tmp_p
     fetching its logs back) and ends on the reference run's losses with every output uploaded; serving
     loads the model straight from the URI."""
     import pyarrow.fs as pafs
+    import torch
 
     from pipelines.config import build_config
-    from pipelines.data.stage import Config as DataConfig, run as data_run
+    from pipelines.data.stage import Config as DataConfig
+    from pipelines.data.stage import run as data_run
     from pipelines.rundir import RunDir, local_copy, scratch_dir
     from pipelines.train.metrics import read_metrics
     from serving.app import ModelEntry
     from serving.model_server import load_for_serving
-
-    import torch
 
     uri = f"s3://{object_store}/runs/pretrain-test"
     data_run(build_config(DataConfig, overrides=[f"run={uri}", "tokenizer.vocab_size=1024", "pack.sequence_length=64",

@@ -189,12 +189,10 @@ class ShardWriter:
         np.save(buffer, np.ascontiguousarray(shard), allow_pickle=False)
         self.write(path, buffer.getvalue())
         self.shards.append({"path": path, "rows": int(len(shard))})
-        counts = target_token_counts(shard, int(shard.max()) + 1)
-        if len(counts) > len(self._target_counts):
-            counts[:len(self._target_counts)] += self._target_counts
-            self._target_counts = counts
-        else:
-            self._target_counts[:len(counts)] += counts
+        seen = len(self._target_counts)
+        counts = target_token_counts(shard, max(seen, int(shard.max()) + 1))
+        counts[:seen] += self._target_counts
+        self._target_counts = counts
 
     def finish(self) -> dict[str, Any]:
         self._cut_rows()

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-import pyarrow.fs as pafs
 import torch
 
 from pipelines.train.checkpoint import (EXPORT_DIR, gather_full_state_dict, load_training_state,
@@ -203,26 +202,21 @@ def train_worker(spec: LoopSpec) -> None:
         if step % config.checkpoint.every_steps == 0 or is_last:
             logger.flush()
             _report_checkpoint(engine, task, spec, rank, step, {**_scalars(last_train), **last_eval})
-    logger.close()
-    if rank == 0:
-        _publish_logs(spec)
+    logger.close()  # the last step's checkpoint already published the logs
 
 
 def _fetch_logs(spec: LoopSpec, restored: bool) -> None:
     """Object-store run, rank 0: start from a clean local log directory; when restoring, continue the
     logs the previous attempt uploaded (it may have run on another node)."""
-    from pipelines.rundir import download, join, resolve_filesystem
+    from pipelines.rundir import RunDir, download
 
     out = Path(spec.out_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if not restored:
-        return
+    published = RunDir(spec.publish_uri)
     for name in (METRICS_FILE, TENSORBOARD_DIR):
-        uri = join(spec.publish_uri, name)
-        fs, path = resolve_filesystem(uri)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            download(uri, out / name)
+        if restored and published.exists(name):
+            download(published.uri_of(name), out / name)
 
 
 def _publish_logs(spec: LoopSpec) -> None:
