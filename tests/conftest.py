@@ -81,6 +81,50 @@ def builtin_tokenizer(tmp_path_factory):
     return train_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=2048)
 
 
+# ---- a data stage run and a pretraining run, built once and shared by every stage's tests --------
+PRETRAIN_OVERRIDES = (
+    "model=1m", "sequence_length=64", "seed=0",
+    "train.num_workers=2", "train.precision.dtype=fp32", "train.length.steps=8",
+    "train.batch.micro_batch_size=2", "train.batch.global_batch_tokens=512",  # 8 seqs: 2 micro x 2 accum x 2
+    "train.optimizer.lr=3e-3", "train.schedule.warmup_steps=1",
+    "train.checkpoint.every_steps=4", "train.checkpoint.keep=2",
+    "train.eval.every_steps=4", "train.eval.max_rows=16", "train.eval.samples=1", "train.eval.sample_tokens=8",
+    "train.log_every=4",
+)
+
+
+@pytest.fixture(scope="session")
+def builtin_data_dir(ray_cluster, tmp_path_factory):
+    """The data stage's output for the built-in corpus (1024-token vocabulary, 64-token rows, exact dedup
+    only): ``<tmp>/data``. Read-only for tests; link it into a run directory with :func:`run_with_data`."""
+    from pipelines.config import build_config
+    from pipelines.data.stage import Config, run
+
+    root = tmp_path_factory.mktemp("builtin-data")
+    run(build_config(Config, overrides=[f"run={root}", "tokenizer.vocab_size=1024", "pack.sequence_length=64",
+                                        "dedup.near=false"]))
+    return root / "data"
+
+
+def run_with_data(tmp_path_factory, data_dir, name: str):
+    """A fresh run directory whose ``data/`` is the shared data stage output (a symlink)."""
+    run = tmp_path_factory.mktemp(name)
+    (run / "data").symlink_to(data_dir)
+    return run
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(builtin_data_dir, tmp_path_factory):
+    """(run directory, manifest) of an uninterrupted ZeRO-0 pretraining run on the shared data
+    (PRETRAIN_OVERRIDES: preset 1m, 2 workers, 8 steps, fp32). ``<run>/pretrain/model`` is its export."""
+    from pipelines.config import build_config
+    from pipelines.pretrain import Config, run
+
+    directory = run_with_data(tmp_path_factory, builtin_data_dir, "pretrained")
+    config = build_config(Config, overrides=[f"run={directory}", *PRETRAIN_OVERRIDES, "train.zero.stage=0"])
+    return directory, run(config)
+
+
 # ---- serving fixtures (shared with the UI's browser tests) ---------------------------------------
 @pytest.fixture(scope="session")
 def serving_checkpoint(tmp_path_factory, builtin_tokenizer):

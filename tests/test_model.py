@@ -239,3 +239,37 @@ def test_chat_template_rejects_bad_messages(builtin_tokenizer):
 
     with pytest.raises(ChatFormatError, match=r"messages\[1\].role"):
         builtin_tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
+
+
+def test_sequence_logprobs_match_a_plain_forward_and_do_not_depend_on_batching():
+    """log p(token | prefix) per token equals log_softmax of one unpadded forward pass, whatever else
+    shares the batch (right padding never leaks into a shorter sequence's scores)."""
+    import torch
+
+    from model.config import preset
+    from model.llama import Transformer
+    from model.scoring import sequence_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=97, max_seq_len=32)).eval()
+    sequences = [[5, 9, 11, 3, 40, 41], [7, 8], list(range(10, 30))]
+    together = sequence_logprobs(model, sequences, top_n=3, batch_size=8)
+    for ids, scores in zip(sequences, together):
+        alone = sequence_logprobs(model, [ids], top_n=3)[0]
+        assert scores.logprobs[0] is None and scores.top[0] is None
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        for t in range(1, len(ids)):
+            assert scores.logprobs[t] == pytest.approx(float(reference[t - 1, ids[t]]), abs=1e-5)
+            assert scores.logprobs[t] == pytest.approx(alone.logprobs[t], abs=1e-5)
+            best = int(reference[t - 1].argmax())
+            assert scores.top[t][0][0] == best and scores.is_greedy[t] == (ids[t] == best)
+            assert [v for _, v in scores.top[t]] == sorted((v for _, v in scores.top[t]), reverse=True)
+        assert scores.total(1) == pytest.approx(float(sum(reference[t - 1, ids[t]] for t in range(1, len(ids)))),
+                                                abs=1e-4)
+    logits = torch.randn(2, 5, 97, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 5))
+    picked = token_logprobs(logits, targets)
+    assert torch.allclose(picked, torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0], atol=1e-5)
+    picked.sum().backward()
+    assert logits.grad is not None

@@ -16,35 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import PRETRAIN_OVERRIDES, run_with_data
+
 STEPS = 8
 LOSS_TOLERANCE = 2e-3
-BASE_OVERRIDES = [
-    "model=1m", "sequence_length=64", "seed=0",
-    "train.num_workers=2", "train.precision.dtype=fp32", f"train.length.steps={STEPS}",
-    "train.batch.micro_batch_size=2", "train.batch.global_batch_tokens=512",  # 8 seqs: 2 micro x 2 accum x 2
-    "train.optimizer.lr=3e-3", "train.schedule.warmup_steps=1",
-    "train.checkpoint.every_steps=4", "train.checkpoint.keep=2",
-    "train.eval.every_steps=4", "train.eval.max_rows=16", "train.eval.samples=1", "train.eval.sample_tokens=8",
-    "train.log_every=4",
-]
-
-
-@pytest.fixture(scope="module")
-def data_dir(ray_cluster, tmp_path_factory) -> Path:
-    """The data stage's output for the built-in corpus (small vocabulary, 64-token rows)."""
-    from pipelines.config import build_config
-    from pipelines.data.stage import Config, run
-
-    root = tmp_path_factory.mktemp("pretrain-data")
-    run(build_config(Config, overrides=[f"run={root}", "tokenizer.vocab_size=1024", "pack.sequence_length=64",
-                                        "dedup.near=false"]))
-    return root / "data"
+BASE_OVERRIDES = list(PRETRAIN_OVERRIDES)
 
 
 def _run_dir(tmp_path_factory, data_dir: Path, name: str) -> Path:
-    run = tmp_path_factory.mktemp(name)
-    (run / "data").symlink_to(data_dir)
-    return run
+    return run_with_data(tmp_path_factory, data_dir, name)
 
 
 def _config(run: Path, *extra: str):
@@ -67,10 +47,14 @@ def _pretrain(run: Path, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory) -> tuple[Path, dict]:
+def data_dir(builtin_data_dir) -> Path:
+    return builtin_data_dir
+
+
+@pytest.fixture(scope="module")
+def reference_run(pretrained_run) -> tuple[Path, dict]:
     """An uninterrupted ZeRO-0 run: the baseline every other run is compared with."""
-    run = _run_dir(tmp_path_factory, data_dir, "reference")
-    return run, _pretrain(run, "train.zero.stage=0")
+    return pretrained_run
 
 
 def test_loss_falls_and_manifest_reports_validation(reference_run, data_dir):
