@@ -166,25 +166,30 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                span: int | None = None) -> torch.Tensor:
         """tokens [batch, time] -> logits [batch, time, vocab].
 
         Without a cache: a causal pass over positions 0..time-1 (training). With a cache: ``positions``
-        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use.
+        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use;
+        ``span`` (the highest position + 1) lets a caller that knows it spare the device sync of
+        computing it here.
         """
         batch, time = tokens.shape
         if positions is None:
             if time > self.config.max_seq_len:
                 raise ValueError(f"sequence of {time} tokens exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(time, device=tokens.device).expand(batch, time)
-        span = 0
-        if cache is not None:
-            # One host sync per forward (not per layer): the cache prefix every row may attend to.
-            span = int(positions.max()) + 1
+        if cache is None:
+            span = 0
+        else:
+            if span is None:
+                # One host sync per forward (not per layer): the cache prefix every row may attend to.
+                span = int(positions.max()) + 1
             if span > min(self.config.max_seq_len, cache.max_len):
                 raise ValueError(f"position {span - 1} exceeds the context ({min(self.config.max_seq_len, cache.max_len)})")
-        if cache is not None and rows is None:
-            rows = torch.arange(batch, device=tokens.device)
+            if rows is None:
+                rows = torch.arange(batch, device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embedding(tokens)
         for index, layer in enumerate(self.layers):

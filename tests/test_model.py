@@ -152,7 +152,8 @@ def test_streaming_text_and_stop_strings(builtin_tokenizer):
     prompt = builtin_tokenizer.encode("Return the value of", bos=True)
     params = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=())
     full = generate(model, [prompt], params, tokenizer=builtin_tokenizer)[0]
-    assert full.text == builtin_tokenizer.decode(full.token_ids)
+    # the answer continues the prompt's text (its first word keeps its space)
+    assert builtin_tokenizer.decode(prompt) + full.text == builtin_tokenizer.decode(prompt + full.token_ids)
     streamed = "".join(e.text for events in generate_stream(model, [prompt], params, builtin_tokenizer)
                        for e in events)
     assert streamed == full.text
@@ -167,8 +168,8 @@ def test_incremental_detokenizer_holds_back_stop_prefix(builtin_tokenizer):
     ids = builtin_tokenizer.encode("hello world")
     detok = IncrementalDetokenizer(builtin_tokenizer, stop=("world!",))
     text, stopped = "", False
-    for n in range(1, len(ids) + 1):
-        delta, stopped = detok.update(ids[:n])
+    for token in ids:
+        delta, stopped = detok.add(token)
         text += delta
     assert not stopped and "world" not in text  # could still become "world!"
     assert text + detok.flush() == "hello world"

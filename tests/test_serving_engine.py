@@ -48,7 +48,7 @@ def test_continuous_batching_matches_generate_greedy(model_and_tokenizer):
         assert finish == expected.finish_reason == "length"
         assert len(tokens) == params.max_new_tokens
     assert engine.num_running == 0 and engine.num_waiting == 0
-    assert sorted(engine._free_rows) == [0, 1, 2]
+    assert sorted(engine.decoder.free_rows) == [0, 1, 2]
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(model_and_tokenizer):
@@ -134,7 +134,7 @@ def test_async_stream_and_cancel(model_and_tokenizer):
             if not engine.has_work():
                 break
             asyncio.run(asyncio.sleep(0.01))
-        assert engine.num_running == 0 and sorted(engine._free_rows) == [0, 1]
+        assert engine.num_running == 0 and sorted(engine.decoder.free_rows) == [0, 1]
         again = asyncio.run(collect(None))
         assert [e.token_id for e in again] == [e.token_id for e in full]
     finally:
