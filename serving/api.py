@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.model_server import ChoiceDelta, TokenLogprob
-from serving.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+from serving.schemas import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                             ChatCompletionResponse,
                              CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse,
                              FieldError, HealthResponse, ModelCard, ModelList, Usage, new_id, unix_time)
 
@@ -76,8 +77,12 @@ class RateLimiter:
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None, str]:
-    """(message, param, code) of the first problem, worded like OpenAI's errors."""
-    first = err.errors()[0]
+    """(message, param, code) of the first problem, worded like OpenAI's errors. Of a union's alternatives
+    (``prompt`` as text, token ids, ...), the one that failed on a constraint rather than on its type says most."""
+    errors = err.errors()
+    first = errors[0]
+    same_field = [e for e in errors if e.get("loc", ())[:2] == first.get("loc", ())[:2]]
+    first = next((e for e in same_field if not str(e.get("type", "")).endswith("_type")), first)
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request: it is not valid JSON.", None, "invalid_json"
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -86,8 +91,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None, s
         return f"Invalid value for '{cause.field}': {str(cause).split(': ', 1)[1]}", cause.field, "invalid_value"
     if not loc:
         return "The request body must be a JSON object.", None, "invalid_value"
-    # Drop pydantic's union-branch names ("str", "list[int]") so the param reads like the field.
-    param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
+    # Drop pydantic's union-branch names ("str", "list[int]", "constrained-str") so the param reads like the field.
+    param = ".".join(p for p in loc if (p.isdigit() or p.isidentifier()) and p not in ("str", "int", "float", "bool"))
     kind = first.get("type")
     if kind == "extra_forbidden":
         return (f"Unsupported parameter: '{param}' is not supported by this server.", param,
@@ -203,14 +208,23 @@ def _errors(*statuses: int) -> dict[int, dict]:
     return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
 
 
-def _with_stream(model: type, description: str) -> dict:
-    return {"model": model, "description": description,
-            "content": {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events "
-                        "(with stream: true): one chunk object per `data:` line, then `data: [DONE]`"}}}}
+def _with_stream(model: type, chunk: type, description: str) -> dict:
+    """A 200 that is ``model`` as JSON, or with ``stream: true`` server-sent events: each event's ``data``
+    is a ``chunk`` object, an error object (a failure mid-stream), or ``[DONE]`` last."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}},
+    ]}}}
+    return {"model": model, "description": description, "content": {"text/event-stream": {"schema": event}}}
 
 
-def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
-    """FastAPI documents a 422 for every body; this API answers invalid bodies with a 400 (documented)."""
+STREAM_CHUNKS = (CompletionResponse, ChatCompletionChunk, ErrorResponse)
+
+
+def _truthful_openapi(app: FastAPI, model_names: list[str]) -> Callable[[], dict]:
+    """FastAPI documents a 422 for every body; this API answers invalid bodies with a 400 (documented), so
+    the 422s go. The served models' names are stated where a model is named (other names are a 404)."""
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
@@ -218,8 +232,20 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
+                    for parameter in operation.get("parameters", []):
+                        if parameter.get("name") == "name" and parameter.get("in") == "path":
+                            parameter["schema"]["enum"] = model_names
+            components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            for model in STREAM_CHUNKS:  # what streamed events hold, though no route returns them as JSON
+                definition = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+                for name, nested in definition.pop("$defs", {}).items():
+                    components.setdefault(name, nested)
+                components.setdefault(model.__name__, definition)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                if name in components:
+                    components[name]["properties"]["model"]["enum"] = model_names
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -229,7 +255,7 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
 def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
     """The FastAPI app; ``models`` maps a served name to a handle of its ModelServer deployment."""
     app = FastAPI(title="groundup", version="1", description="OpenAI-compatible API for groundup models")
-    app.openapi = _openapi_without_422(app)
+    app.openapi = _truthful_openapi(app, sorted(models))
     limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
 
     @app.exception_handler(ApiError)
@@ -383,7 +409,8 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
     generation_errors = _errors(400, 401, 404, 429, 500, 503)
 
     @app.post("/v1/completions", dependencies=[Depends(guard)], response_model=None,
-              responses={200: _with_stream(CompletionResponse, "the completion, or (stream: true) its chunks"),
+              responses={200: _with_stream(CompletionResponse, CompletionResponse,
+                                           "the completion, or (stream: true) its chunks"),
                          **generation_errors})
     async def completions(request: CompletionRequest):
         header, stream = await open_stream(request)
@@ -411,7 +438,8 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
         return streaming(stream_events(request, header, stream, writer, render), stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(guard)], response_model=None,
-              responses={200: _with_stream(ChatCompletionResponse, "the reply, or (stream: true) its chunks"),
+              responses={200: _with_stream(ChatCompletionResponse, ChatCompletionChunk,
+                                           "the reply, or (stream: true) its chunks"),
                          **generation_errors})
     async def chat_completions(request: ChatCompletionRequest):
         header, stream = await open_stream(request)

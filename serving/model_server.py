@@ -375,7 +375,8 @@ class ModelServer:
         """``samples`` whole answers per prompt (not streamed), for best_of."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, ChoiceDelta]] = asyncio.Queue()
-        answers: dict[int, ChoiceDelta] = {}
+        answers: dict[int, ChoiceDelta] = {}  # whole answers, once finished
+        partial: dict[int, ChoiceDelta] = {}
         sequence_ids = []
         for prompt_index, prompt in enumerate(prompts):
             for sample in range(samples):
@@ -385,6 +386,8 @@ class ModelServer:
         try:
             while len(answers) < len(sequence_ids):
                 key, delta = await queue.get()
+                delta = partial[key].then(delta) if key in partial else delta
+                partial[key] = delta
                 if delta.finish_reason is not None:
                     answers[key] = delta
                     if delta.finish_reason == "error":  # logged by the sequence's callback
@@ -414,7 +417,7 @@ class ModelServer:
             for i, completion in enumerate(completions):
                 records = None
                 if request.top_logprobs_wanted is not None:
-                    records = [self.token_texts.record(t, lp, None)
+                    records = [self.token_texts.record(t, lp, ())
                                for t, lp in zip(completion.sampled_ids, completion.logprobs)]
                 batch.append((prompt_index * request.n + i, ChoiceDelta(
                     completion.text, completion.finish_reason, len(completion.token_ids),
@@ -427,8 +430,10 @@ class ModelServer:
         records: list[list[TokenLogprob] | None] = [None] * len(prompts)
         if request.logprobs is not None:
             scores = await self._job("score", (prompts, request.logprobs))
+            # The first token has nothing before it: no log-prob and no alternatives (None, as OpenAI's).
             records = [[self.token_texts.record(t, lp, top) for t, lp, top in
-                        zip(s.token_ids, s.logprobs, s.top or [None] * len(s.token_ids))] for s in scores]
+                        zip(s.token_ids, s.logprobs, s.top or [None] + [()] * (len(s.token_ids) - 1))]
+                       for s in scores]
         return [(prompt_index * request.n + sample,
                  ChoiceDelta(texts[prompt_index], "length" if final else None, 0, 0,
                              None if records[prompt_index] is None else list(records[prompt_index])))
@@ -456,7 +461,7 @@ class ModelServer:
                 total += event.logprob
             records = None
             if top_logprobs is not None and event.token_id is not None:
-                records = [self.token_texts.record(event.token_id, event.logprob, event.top_logprobs)]
+                records = [self.token_texts.record(event.token_id, event.logprob, event.top_logprobs or ())]
             if event.error:
                 logger.error("model %s: a sequence failed: %s", self.name, event.error)
             ready = coalescer.add(ChoiceDelta(event.text, event.finish_reason, event.completion_tokens,

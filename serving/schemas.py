@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from model.generate import DEFAULT_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 128  # per field; the server's max_choices_per_request bounds a request's total (prompts x n)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+# Constraints live in the types, so that /openapi.json states them too (a schema-driven client then sends
+# only what the server accepts, apart from limits of the model: its context and vocabulary).
+
+
+def _integral(value):
+    """JSON has one number type: 5.0 is the integer 5 (as JSON Schema's "integer" says); 5.5 stays an error."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+StopString = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[Int, Field(ge=0)]
+TokenPrompt = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -31,33 +46,23 @@ class StreamOptions(_Strict):
 
 class _Request(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=0, description="default: up to the server's default_max_tokens, "
+    max_tokens: Int | None = Field(None, ge=0, description="default: up to the server's default_max_tokens, "
                                    "capped by the context; 0 only with echo (score the prompt)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's current name for max_tokens "
+    max_completion_tokens: Int | None = Field(None, ge=1, description="OpenAI's current name for max_tokens "
                                               "(wins when both are given)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or below 1e-5): greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 mean no top-k cut")
+    top_k: Int = Field(0, ge=-1, description="extension: 0 or -1 mean no top-k cut")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension: drop tokens less likely than min_p "
                          "times the most likely one")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension (CTRL's penalty)")
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-turn (benchmarks)")
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return value
 
     @model_validator(mode="after")
     def _check_stream_options(self):
@@ -95,11 +100,11 @@ class _Request(_Strict):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenPrompt | Annotated[list[TokenPrompt], Field(min_length=1)]
     echo: bool = Field(False, description="return the prompt before the completion (with its log-probs)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="log-probs of each token and this many most likely alternatives")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="sample (or with use_beam_search, keep) this "
+    best_of: Int | None = Field(None, ge=1, le=MAX_N, description="sample (or with use_beam_search, keep) this "
                                 "many answers per prompt and return the n most likely")
     use_beam_search: bool = Field(False, description="extension (vLLM): beam search with best_of (or n) beams")
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0,
@@ -163,7 +168,7 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = Field(False, description="log-probs of each token of the reply")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="most likely alternatives per token (needs logprobs)")
 
     @model_validator(mode="after")
