@@ -160,7 +160,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         done = [*turns, {"role": "assistant", "content": answer.text}]
         note = (f" — the conversation outgrew `{model}`'s context, so its {dropped} earliest message(s) were left "
                 "out of this request" if dropped else "")
-        yield done, done, "", f"`{model}` finished: {answer.finish_reason}{note}"
+        turn = sum(m["role"] == "user" for m in done)
+        yield done, done, "", f"`{model}` finished turn {turn}: {answer.finish_reason}{note}"
 
     def clear_chat():
         return [], [], ""
