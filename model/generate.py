@@ -35,6 +35,7 @@ report it as an error (the API as a 5xx), never as a finish reason.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import random
 from collections import deque
@@ -380,7 +381,7 @@ class Decoder:
             self.waiting.remove(sequence)
         if sequence in self.running:
             self.running.remove(sequence)
-            self.free_rows.append(sequence.row)
+            heapq.heappush(self.free_rows, sequence.row)
         sequence.finish_reason = reason
         text = sequence.detokenizer.flush() if sequence.detokenizer else ""
         return GenerationEvent(sequence.key, None, text, reason, len(sequence.generated), error)
@@ -391,10 +392,11 @@ class Decoder:
         admitted = []
         while self.waiting and self.free_rows:
             sequence = self.waiting.popleft()
-            sequence.row = self.free_rows.pop(0)
+            sequence.row = heapq.heappop(self.free_rows)  # the lowest free row: the busy ones stay a prefix
             self._mark_seen(sequence)
             admitted.append(sequence)
-        work = [(s, True) for s in admitted] + [(s, False) for s in self.running]
+        # Rows in ascending order: when they are 0..n-1 the model reads the cache without copying it.
+        work = [(s, True) for s in admitted] + [(s, False) for s in sorted(self.running, key=lambda s: s.row)]
         self.running.extend(admitted)
         if not work:
             if self.synced:
@@ -403,7 +405,7 @@ class Decoder:
         events = self._run(work)
         for sequence in [s for s in self.running if s.finished]:
             self.running.remove(sequence)
-            self.free_rows.append(sequence.row)
+            heapq.heappush(self.free_rows, sequence.row)
         return events
 
     def dummy_forward(self) -> None:
@@ -458,11 +460,14 @@ class Decoder:
             device = self.device
             tokens = torch.tensor([[s.generated[-1]] for s in decode]).to(device, non_blocking=True)
             positions = torch.tensor([[s.length - 1] for s in decode]).to(device, non_blocking=True)
-            rows = torch.tensor([s.row for s in decode]).to(device, non_blocking=True)
-            logits = self.model(tokens, positions=positions, cache=self.cache, rows=rows,
+            logits = self.model(tokens, positions=positions, cache=self.cache, rows=self._rows([s.row for s in decode]),
                                 span=max(s.length for s in decode))
             parts.append(logits[:, -1])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _rows(self, rows: list[int]) -> torch.Tensor | None:
+        """The cache rows for the model: None when they are 0..n-1 in order (read as views, not copies)."""
+        return None if rows == list(range(len(rows))) else torch.tensor(rows).to(self.device, non_blocking=True)
 
     def _last_logits(self, sequences: list[list[int]], rows: list[int] | None = None) -> torch.Tensor:
         tokens, lengths = _right_padded(sequences)
@@ -473,8 +478,8 @@ class Decoder:
             # Padding positions write junk keys past each prompt's end; the mask hides them and decoding
             # overwrites them position by position, so they are never attended to.
             positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-            logits = self.model(tokens, positions=positions, cache=self.cache,
-                                rows=torch.tensor(rows).to(self.device, non_blocking=True), span=tokens.shape[1])
+            logits = self.model(tokens, positions=positions, cache=self.cache, rows=self._rows(rows),
+                                span=tokens.shape[1])
         last = torch.tensor([n - 1 for n in lengths]).to(self.device, non_blocking=True)
         return logits[torch.arange(len(sequences), device=self.device), last]
 
@@ -687,13 +692,14 @@ class BeamSearch:
         if not self.beams[0].tokens:  # the prompt, in row 0 (the first reorder copies it to every beam)
             tokens = torch.tensor([self.prompt], device=self.device)
             positions = torch.arange(len(self.prompt), device=self.device)[None]
-            rows, span = torch.tensor([0], device=self.device), len(self.prompt)
+            span = len(self.prompt)
         else:
             position = len(self.prompt) + len(self.beams[0].tokens) - 1
             tokens = torch.tensor([[b.tokens[-1]] for b in self.beams], device=self.device)
             positions = torch.full((len(self.beams), 1), position, device=self.device)
-            rows, span = torch.arange(len(self.beams), device=self.device), position + 1
-        logits = self.model(tokens, positions=positions, cache=self.cache, rows=rows, span=span)[:, -1].float()
+            span = position + 1
+        # rows None: the beams sit in rows 0..width-1
+        logits = self.model(tokens, positions=positions, cache=self.cache, span=span)[:, -1].float()
         return torch.log_softmax(logits, dim=-1).nan_to_num(nan=float("-inf"))
 
     def _finish(self, beam: _Beam, stop_token: int | None, reason: str) -> None:

@@ -102,11 +102,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             key_cache, value_cache = cache
+            if rows is None:  # rows 0..batch-1: slices of the cache are views, where a row index copies
+                key_cache, value_cache = key_cache[:batch], value_cache[:batch]
+                index = torch.arange(batch, device=x.device)[:, None]
+            else:
+                index = rows[:, None]
             # Write this step's keys/values at each row's own positions, then attend to the prefix.
-            key_cache[rows[:, None], :, positions] = k.transpose(1, 2).to(key_cache.dtype)
-            value_cache[rows[:, None], :, positions] = v.transpose(1, 2).to(value_cache.dtype)
-            keys = key_cache[rows, :, :span].to(q.dtype)
-            values = value_cache[rows, :, :span].to(q.dtype)
+            key_cache[index, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
+            value_cache[index, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
+            keys = (key_cache[:, :, :span] if rows is None else key_cache[rows, :, :span]).to(q.dtype)
+            values = (value_cache[:, :, :span] if rows is None else value_cache[rows, :, :span]).to(q.dtype)
             visible = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, time, -1))
@@ -171,7 +176,8 @@ class Transformer(nn.Module):
         """tokens [batch, time] -> logits [batch, time, vocab].
 
         Without a cache: a causal pass over positions 0..time-1 (training). With a cache: ``positions``
-        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use;
+        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use
+        (None: rows 0..batch-1, read without copying them);
         ``span`` (the highest position + 1) lets a caller that knows it spare the device sync of
         computing it here.
         """
@@ -188,8 +194,6 @@ class Transformer(nn.Module):
                 span = int(positions.max()) + 1
             if span > min(self.config.max_seq_len, cache.max_len):
                 raise ValueError(f"position {span - 1} exceeds the context ({min(self.config.max_seq_len, cache.max_len)})")
-            if rows is None:
-                rows = torch.arange(batch, device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embedding(tokens)
         for index, layer in enumerate(self.layers):
