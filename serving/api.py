@@ -308,8 +308,9 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
     async def model_state(handle) -> str:
         try:
             info = await asyncio.wait_for(handle.info.remote(), HEALTH_TIMEOUT_S)
-        except Exception as err:  # not ready, being replaced, or its replica is gone
-            return f"unavailable ({type(err).__name__})"
+        except Exception:  # not ready, being replaced, or its replica is gone
+            logger.warning("health: a model deployment did not answer", exc_info=True)
+            return "unavailable"
         return "ok" if info.get("engine_alive", True) else "engine stopped"
 
     @app.get("/health", response_model=HealthResponse,
