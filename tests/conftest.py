@@ -200,3 +200,11 @@ def serving_app(ray_cluster, serving_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def serving_base_url(serving_app) -> str:
     return serving_app.base_url
+
+
+@pytest.fixture(scope="session")
+def openai_client(serving_app):
+    """The official openai client pointed at the serving_app's API (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=serving_app.api_url, api_key="unused", max_retries=0, timeout=120)

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def client(serving_app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serving_app.api_url, api_key="unused", max_retries=0, timeout=120)
+def client(openai_client) -> openai.OpenAI:
+    return openai_client
 
 
 @pytest.fixture(scope="module")
