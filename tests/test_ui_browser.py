@@ -57,11 +57,12 @@ def test_chat_then_vote_in_compare_and_read_the_vote_back(ui, page):
     expect(page.locator("#rater input, #rater textarea").first).to_have_value("browser-alice")
 
     # Chat: one streamed turn with a model picked from /v1/models.
-    page.locator("#chat-input textarea").fill("Hello there")
+    page.locator("#chat-input textarea").fill("# Hello there")
     page.locator("#chat-send").click()
     expect(page.locator("#chat-status")).to_contain_text("finished turn 1")
     history = page.locator("#chat-history")
-    expect(history).to_contain_text("Hello there")
+    expect(history).to_contain_text("# Hello there")  # shown as typed: plain text, no Markdown heading
+    assert history.locator("h1").count() == 0
     assert page.locator("#chat-input textarea").input_value() == ""
     # Two long turns outgrow the small model's context: the oldest turns are left out, and the chat says so.
     long_message = " ".join(["the river flows"] * 15)  # about 110 tokens of a 256-token context
