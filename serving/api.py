@@ -32,6 +32,7 @@ from serving.schemas import (AssistantMessage, ChatChoice, ChatCompletionChunk, 
                              FieldError, HealthResponse, ModelCard, ModelList, Usage, new_id, unix_time)
 
 HEALTH_TIMEOUT_S = 10.0
+DONE = b"data: [DONE]\n\n"
 GENERATION_FAILED = "The model failed while generating this answer; the cause is in the server's log. Try again."
 logger = logging.getLogger("ray.serve")
 
@@ -373,36 +374,43 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
     async def stream_events(request, header, stream, writer: ChunkWriter,
                             render_choice: Callable[[int, ChoiceDelta], str]) -> AsyncIterator[bytes]:
         """The SSE events of a streamed completion or chat: ``render_choice(choice, delta)`` is the one part
-        that differs. With ``stream_options.include_usage`` a last chunk (no choices) carries the usage."""
+        that differs. With ``stream_options.include_usage`` a last chunk (no choices) carries the usage. The
+        last choice's final chunk, the usage and ``[DONE]`` go out in one write: every write is a message
+        through Serve's proxy, which costs more CPU than the tokens in it."""
         tokens: dict[int, int] = {}
+        open_choices = header.choices
         async for batch in stream:
             events = []  # one write per batch from the model: fewer messages to Serve's proxy
             for choice, delta in batch:
                 if delta.finish_reason == "error":
                     raise GenerationError()
                 tokens[choice] = delta.completion_tokens
+                open_choices -= delta.finish_reason is not None
                 if delta.text or delta.finish_reason or delta.logprobs:
                     events.append(writer.event([render_choice(choice, delta)]))
+            if open_choices == 0:
+                if request.include_usage:
+                    events.append(writer.event([], usage(header, sum(tokens.values()))))
+                events.append(DONE)
             if events:
                 yield b"".join(events)
-        if request.include_usage:
-            yield writer.event([], usage(header, sum(tokens.values())))
+        if open_choices > 0:  # the model's stream ended before every choice did
+            raise GenerationError()
 
     def streaming(chunks: AsyncIterator[bytes], stream) -> StreamingResponse:
         async def body():
             try:
                 async for chunk in chunks:
                     yield chunk
+                return  # the last chunk ended with [DONE]
             except GenerationError:  # mid-stream failure: tell the client in-band, then end cleanly
-                yield _sse({"error": ErrorBody(message=GENERATION_FAILED, type="server_error",
-                                               code="generation_failed").model_dump()})
+                pass
             except Exception:
                 logger.exception("a streamed response failed")
-                yield _sse({"error": ErrorBody(message=GENERATION_FAILED, type="server_error",
-                                               code="generation_failed").model_dump()})
             finally:
                 stream.cancel()
-            yield _sse("[DONE]")
+            yield _sse({"error": ErrorBody(message=GENERATION_FAILED, type="server_error",
+                                           code="generation_failed").model_dump()}) + DONE
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -461,9 +469,11 @@ def build_api(models: dict[str, Any], settings: ApiSettings) -> FastAPI:
             return writer.delta_choice(choice, delta.text or None, delta.finish_reason, logprobs=logprobs)
 
         async def chunks():
-            yield writer.event([writer.delta_choice(i, "", None, role="assistant") for i in range(header.choices)])
+            # The opening chunk (the role) rides with the first tokens: one write fewer.
+            opening = writer.event([writer.delta_choice(i, "", None, role="assistant") for i in range(header.choices)])
             async for events in stream_events(request, header, stream, writer, render):
-                yield events
+                yield opening + events
+                opening = b""
 
         return streaming(chunks(), stream)
 

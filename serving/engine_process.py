@@ -15,10 +15,11 @@ import itertools
 import multiprocessing
 import threading
 from multiprocessing.connection import Connection
-from typing import Sequence
+from typing import Callable, Sequence
 
 from model.generate import SamplingParams
 from serving.engine import EventCallback, GenerationEvent, JobCallback, JobDone
+from serving.model_server import ChoiceDelta
 
 STARTUP_TIMEOUT_S = 600.0
 ENGINE_EXITED = "the engine process exited"
@@ -30,7 +31,7 @@ def _child_main(path: str, device: str, dtype: str, max_batch_size: int, num_thr
     import torch
 
     from serving.engine import Engine
-    from serving.model_server import load_for_serving
+    from serving.model_server import TokenTexts, load_for_serving, submit_choice
 
     torch.set_num_threads(num_threads)
     try:
@@ -40,15 +41,21 @@ def _child_main(path: str, device: str, dtype: str, max_batch_size: int, num_thr
         connection.send(("error", f"{type(err).__name__}: {err}"))
         return
     connection.send(("ready", {"max_context": engine.max_context, "vocab_size": engine.vocab_size}))
-    events: list[tuple[int, GenerationEvent]] = []
+    events: list[tuple[int, GenerationEvent | ChoiceDelta]] = []
     jobs: list[tuple[int, JobDone]] = []
     remote_ids: dict[int, int] = {}  # the parent's id -> the engine's id
+
+    token_texts = TokenTexts(tokenizer)
 
     def handle(message) -> bool:
         kind = message[0]
         if kind == "submit":
             _, request_id, prompt, params = message
             remote_ids[request_id] = engine.submit(prompt, params, lambda e, r=request_id: events.append((r, e)))
+        elif kind == "submit_choice":  # coalesced here: only the deltas to send cross the pipe
+            _, request_id, prompt, params, interval, top_logprobs = message
+            remote_ids[request_id] = submit_choice(engine, token_texts, prompt, params, interval, top_logprobs,
+                                                   lambda d, r=request_id: events.append((r, d)))
         elif kind == "job":
             _, request_id, job_kind, args = message
             engine.submit_job(job_kind, args, lambda outcome, r=request_id: jobs.append((r, outcome)))
@@ -98,6 +105,7 @@ class EngineProcess:
         self.vocab_size: int = detail["vocab_size"]
         self._callbacks: dict[int, EventCallback] = {}
         self._job_callbacks: dict[int, JobCallback] = {}
+        self._deltas: set[int] = set()  # requests answered with ChoiceDeltas rather than events
         self._ids = itertools.count()
         self._reader = threading.Thread(target=self._read, name="groundup-engine-reader", daemon=True)
         self._reader.start()
@@ -110,6 +118,15 @@ class EngineProcess:
         request_id = next(self._ids)
         self._callbacks[request_id] = on_event
         self._send(("submit", request_id, [int(t) for t in prompt], params))
+        return request_id
+
+    def submit_choice(self, prompt: Sequence[int], params: SamplingParams, interval: int, top_logprobs: int | None,
+                      on_delta: Callable[[ChoiceDelta], None]) -> int:
+        """Like :func:`serving.model_server.submit_choice`, coalescing in the child."""
+        request_id = next(self._ids)
+        self._callbacks[request_id] = on_delta
+        self._deltas.add(request_id)
+        self._send(("submit_choice", request_id, [int(t) for t in prompt], params, interval, top_logprobs))
         return request_id
 
     def submit_job(self, kind: str, args: tuple, on_done: JobCallback) -> int:
@@ -149,6 +166,7 @@ class EngineProcess:
                     callback = self._callbacks.get(request_id)
                     if event.finish_reason is not None:
                         self._callbacks.pop(request_id, None)
+                        self._deltas.discard(request_id)
                     if callback is not None:
                         _call(callback, event)
                 for request_id, outcome in jobs:
@@ -162,7 +180,10 @@ class EngineProcess:
         self._dead.set()
         for request_id, callback in list(self._callbacks.items()):
             self._callbacks.pop(request_id, None)
-            _call(callback, GenerationEvent(request_id, None, "", "error", 0, ENGINE_EXITED))
+            if request_id in self._deltas:
+                _call(callback, ChoiceDelta(finish_reason="error", error=ENGINE_EXITED))
+            else:
+                _call(callback, GenerationEvent(request_id, None, "", "error", 0, ENGINE_EXITED))
         for request_id, callback in list(self._job_callbacks.items()):
             self._job_callbacks.pop(request_id, None)
             _call(callback, JobDone(error=ENGINE_EXITED))

@@ -95,6 +95,7 @@ class ChoiceDelta:
     tokens: int = 0  # tokens this delta covers
     logprobs: list[TokenLogprob] | None = None  # when the request asked for log-probs
     cumulative_logprob: float = 0.0  # of the answer so far (best_of ranks by it)
+    error: str | None = None  # why it failed (for the server's log; never sent to the client)
 
     def then(self, later: "ChoiceDelta") -> "ChoiceDelta":
         """This delta followed by a later one of the same choice, as one."""
@@ -126,6 +127,38 @@ class Coalescer:
             return None
         self._held, self._sent_first = None, True
         return delta
+
+
+class ChoiceStream:
+    """One choice's engine events turned into coalesced deltas (with token strings when log-probs are asked
+    for). It runs where the engine runs — in the engine's child process when there is one — so that only
+    the deltas to send cross to the replica, not every token."""
+
+    def __init__(self, interval: int, token_texts: "TokenTexts", top_logprobs: int | None):
+        self.coalescer, self.token_texts, self.top_logprobs = Coalescer(interval), token_texts, top_logprobs
+        self.total = 0.0
+
+    def add(self, event: GenerationEvent) -> ChoiceDelta | None:
+        if event.logprob is not None:
+            self.total += event.logprob
+        records = None
+        if self.top_logprobs is not None and event.token_id is not None:
+            records = [self.token_texts.record(event.token_id, event.logprob, event.top_logprobs or ())]
+        return self.coalescer.add(ChoiceDelta(event.text, event.finish_reason, event.completion_tokens,
+                                              int(event.token_id is not None), records, self.total, event.error))
+
+
+def submit_choice(engine: Engine, token_texts: "TokenTexts", prompt, params, interval: int,
+                  top_logprobs: int | None, on_delta: Callable[[ChoiceDelta], None]) -> int:
+    """Submit one choice to an in-process :class:`Engine`; ``on_delta`` gets its coalesced deltas."""
+    stream = ChoiceStream(interval, token_texts, top_logprobs)
+
+    def on_event(event: GenerationEvent) -> None:
+        delta = stream.add(event)
+        if delta is not None:
+            on_delta(delta)
+
+    return engine.submit(prompt, params, on_event)
 
 
 class TokenTexts:
@@ -354,8 +387,8 @@ class ModelServer:
         for prompt_index, prompt in enumerate(prompts):
             for sample in range(request.n):
                 choice = prompt_index * request.n + sample
-                callback = self._forward(choice, interval, loop, queue, request.top_logprobs_wanted)
-                sequence_ids.append(self.engine.submit(prompt, request.sampling_params(max_new, sample), callback))
+                sequence_ids.append(self._submit(choice, prompt, request.sampling_params(max_new, sample), interval,
+                                                 request.top_logprobs_wanted, loop, queue))
                 open_choices.add(choice)
         try:
             while open_choices:
@@ -381,8 +414,8 @@ class ModelServer:
         for prompt_index, prompt in enumerate(prompts):
             for sample in range(samples):
                 key = prompt_index * samples + sample
-                callback = self._forward(key, max_new + 1, loop, queue, request.top_logprobs_wanted)
-                sequence_ids.append(self.engine.submit(prompt, request.sampling_params(max_new, sample), callback))
+                sequence_ids.append(self._submit(key, prompt, request.sampling_params(max_new, sample), max_new + 1,
+                                                 request.top_logprobs_wanted, loop, queue))
         try:
             while len(answers) < len(sequence_ids):
                 key, delta = await queue.get()
@@ -390,7 +423,7 @@ class ModelServer:
                 partial[key] = delta
                 if delta.finish_reason is not None:
                     answers[key] = delta
-                    if delta.finish_reason == "error":  # logged by the sequence's callback
+                    if delta.finish_reason == "error":  # logged as it arrived
                         raise GenerationFailed()
         finally:
             if len(answers) < len(sequence_ids):
@@ -449,27 +482,17 @@ class ModelServer:
             raise GenerationFailed(outcome.error)
         return outcome.result
 
-    def _forward(self, choice: int, interval: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
-                 top_logprobs: int | None) -> Callable[[GenerationEvent], None]:
-        """The engine-thread callback of one choice: coalesce, and wake the event loop only to send."""
-        coalescer = Coalescer(interval)
-        total = 0.0
+    def _submit(self, key: int, prompt: list[int], params, interval: int, top_logprobs: int | None,
+                loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> int:
+        """Start one choice; its deltas reach ``queue`` as (key, delta), waking the event loop only to send."""
+        def on_delta(delta: ChoiceDelta) -> None:
+            if delta.error:
+                logger.error("model %s: a sequence failed: %s", self.name, delta.error)
+            loop.call_soon_threadsafe(queue.put_nowait, (key, delta))
 
-        def on_event(event: GenerationEvent) -> None:
-            nonlocal total
-            if event.logprob is not None:
-                total += event.logprob
-            records = None
-            if top_logprobs is not None and event.token_id is not None:
-                records = [self.token_texts.record(event.token_id, event.logprob, event.top_logprobs or ())]
-            if event.error:
-                logger.error("model %s: a sequence failed: %s", self.name, event.error)
-            ready = coalescer.add(ChoiceDelta(event.text, event.finish_reason, event.completion_tokens,
-                                              int(event.token_id is not None), records, total))
-            if ready is not None:
-                loop.call_soon_threadsafe(queue.put_nowait, (choice, ready))
-
-        return on_event
+        if isinstance(self.engine, Engine):
+            return submit_choice(self.engine, self.token_texts, prompt, params, interval, top_logprobs, on_delta)
+        return self.engine.submit_choice(prompt, params, interval, top_logprobs, on_delta)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
