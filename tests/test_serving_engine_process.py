@@ -7,6 +7,9 @@ import threading
 import pytest
 import torch
 
+from serving.engine import Engine
+from serving.model_server import load_for_serving
+
 
 def _collect(engine, prompt, params):
     events, done = [], threading.Event()
@@ -48,6 +51,30 @@ def test_child_engine_answers_like_the_threaded_engine(engine_process, serving_c
         assert done.wait(60)
         assert [e.token_id for e in events] == want and events[-1].finish_reason == "length"
     assert engine_process.max_context == local.max_context and engine_process.is_alive()
+
+
+def test_choices_are_coalesced_in_the_child(engine_process, serving_checkpoint):
+    """submit_choice: the child sends one delta per interval (with token strings for log-probs), carrying the
+    same text and log-probs the threaded engine's events give."""
+    import threading
+
+    from model.generate import SamplingParams
+    from serving.model_server import TokenTexts, submit_choice
+
+    params = SamplingParams(max_new_tokens=20, temperature=0.7, seed=5, top_logprobs=2, stop_token_ids=())
+    local = Engine(*load_for_serving(serving_checkpoint, torch.device("cpu")), max_batch_size=2)
+    prompt = local.tokenizer.encode("Rivers flow into", bos=True)
+    expected = []
+    submit_choice(local, TokenTexts(local.tokenizer), prompt, params, 1, 2, expected.append)
+    local.run_until_idle()
+    deltas, done = [], threading.Event()
+    engine_process.submit_choice(prompt, params, 8, 2, lambda d: (deltas.append(d), d.finish_reason and done.set()))
+    assert done.wait(60)
+    assert len(deltas) == 1 + -(-19 // 8)  # the first token alone, then 8 at a time
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in expected)
+    assert [r.logprob for d in deltas for r in d.logprobs] == pytest.approx([r.logprob for d in expected
+                                                                            for r in d.logprobs])
+    assert all(len(r.top) == 2 for d in deltas for r in d.logprobs) and deltas[-1].finish_reason == "length"
 
 
 def test_jobs_run_in_the_child(engine_process, serving_checkpoint):
