@@ -177,9 +177,8 @@ class Transformer(nn.Module):
 
         Without a cache: a causal pass over positions 0..time-1 (training). With a cache: ``positions``
         [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use
-        (None: rows 0..batch-1, read without copying them);
-        ``span`` (the highest position + 1) lets a caller that knows it spare the device sync of
-        computing it here.
+        (None: rows 0..batch-1, read without copying them). ``span`` (the highest position + 1) spares
+        the device sync of computing it here, for callers that know it.
         """
         batch, time = tokens.shape
         if positions is None:

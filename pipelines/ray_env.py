@@ -52,5 +52,6 @@ def check_cluster_reachable(timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     except (OSError, ValueError):
         source = "RAY_ADDRESS" if from_env else "the address file of a previous `ray start` (/tmp/ray)"
         fix = "unset RAY_ADDRESS" if from_env else "run `ray stop`"
-        raise ConfigError(f"cannot reach the Ray cluster at {from_env or address} (from {source}) within {timeout_s:.0f} s: "
-                          f"start that cluster, or {fix} to let this command start a fresh local one") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {from_env or address} (from {source}) within "
+                          f"{timeout_s:.0f} s: start that cluster, or {fix} to let this command start a fresh "
+                          "local one") from None
