@@ -89,7 +89,9 @@ async def http_level(api_url: str, concurrency: int, requests: int, max_tokens: 
             async with client.stream("POST", f"{api_url}/completions", json=body) as response:
                 assert response.status_code == 200, await response.aread()
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    # Parse only the chunks the figures need (the first with text, the usage): the client
+                    # shares the machine's CPUs with the server it measures.
+                    if not line.startswith("data: {") or (first is not None and '"usage"' not in line):
                         continue
                     chunk = json.loads(line[6:])
                     if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
