@@ -102,11 +102,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             key_cache, value_cache = cache
+            if rows is None:  # rows 0..batch-1: slices of the cache are views, where a row index copies
+                key_cache, value_cache = key_cache[:batch], value_cache[:batch]
+                index = torch.arange(batch, device=x.device)[:, None]
+            else:
+                index = rows[:, None]
             # Write this step's keys/values at each row's own positions, then attend to the prefix.
-            key_cache[rows[:, None], :, positions] = k.transpose(1, 2).to(key_cache.dtype)
-            value_cache[rows[:, None], :, positions] = v.transpose(1, 2).to(value_cache.dtype)
-            keys = key_cache[rows, :, :span].to(q.dtype)
-            values = value_cache[rows, :, :span].to(q.dtype)
+            key_cache[index, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
+            value_cache[index, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
+            keys = (key_cache[:, :, :span] if rows is None else key_cache[rows, :, :span]).to(q.dtype)
+            values = (value_cache[:, :, :span] if rows is None else value_cache[rows, :, :span]).to(q.dtype)
             visible = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, time, -1))
@@ -166,25 +171,28 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                span: int | None = None) -> torch.Tensor:
         """tokens [batch, time] -> logits [batch, time, vocab].
 
         Without a cache: a causal pass over positions 0..time-1 (training). With a cache: ``positions``
-        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use.
+        [batch, time] gives each token's absolute position and ``rows`` [batch] the cache rows to use
+        (None: rows 0..batch-1, read without copying them). ``span`` (the highest position + 1) spares
+        the device sync of computing it here, for callers that know it.
         """
         batch, time = tokens.shape
         if positions is None:
             if time > self.config.max_seq_len:
                 raise ValueError(f"sequence of {time} tokens exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(time, device=tokens.device).expand(batch, time)
-        span = 0
-        if cache is not None:
-            # One host sync per forward (not per layer): the cache prefix every row may attend to.
-            span = int(positions.max()) + 1
+        if cache is None:
+            span = 0
+        else:
+            if span is None:
+                # One host sync per forward (not per layer): the cache prefix every row may attend to.
+                span = int(positions.max()) + 1
             if span > min(self.config.max_seq_len, cache.max_len):
                 raise ValueError(f"position {span - 1} exceeds the context ({min(self.config.max_seq_len, cache.max_len)})")
-        if cache is not None and rows is None:
-            rows = torch.arange(batch, device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embedding(tokens)
         for index, layer in enumerate(self.layers):

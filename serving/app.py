@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -154,13 +155,20 @@ class Config(StageConfig):
     proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
     replicas: int = Field(1, ge=1, description="replicas per model when autoscaling is off")
     autoscaling: Autoscaling | None = None
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica (reserved in Ray's scheduler; the "
+                            "default lets two models, the API and the rating app fit on 2 CPUs)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share a GPU)")
     ingress_num_cpus: float = Field(0.1, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(16, ge=1, description="KV-cache rows: sequences decoded together per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests queued per model replica")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it out")
+    max_choices_per_request: int = Field(64, ge=1, description="answers one request may ask for (prompts x n, "
+                                         "or x best_of); more is a 400 naming this limit")
+    max_tokens_per_request: int = Field(65536, ge=1, description="prompt and answer tokens one request may "
+                                        "occupy (summed over its choices); more is a 400 naming this limit")
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve asks each model replica "
+                                         "whether its engine runs (a dead one is replaced)")
     stream_interval: int = Field(
         8, ge=1, description="tokens of a choice sent per streamed chunk (the first token always goes alone); "
         "1 sends every token as it comes, larger values cut per-token overhead for higher throughput")
@@ -183,7 +191,13 @@ class Config(StageConfig):
                                   "(SERVE_THROUGHPUT_ENV); on a running cluster set them there for the proxy too")
     ui: bool = Field(True, description="serve the rating UI at /ui (needs ui/app.py)")
     ui_api_url: str | None = Field(None, description="API base the UI calls; default: this server's /v1")
-    database_url: str | None = Field(None, description="the UI's preference store; default: sqlite in the run dir")
+    database_url: str | None = Field(None, description="the UI's preference store; default: "
+                                     "<run>/ui/preferences.db, the run being the first model's run directory")
+    prompts: str | None = Field(None, description="a prompt set the rating app draws rounds from (.txt: one "
+                                "prompt per line; .jsonl: prompt/messages/question per record)")
+    replace: bool = Field(False, description="replace groundup's deployment already serving on --port")
+    check_resources: bool = Field(True, description="check the cluster has the CPUs/GPUs the deployment "
+                                  "reserves before deploying (false on autoscaling clusters)")
     block: bool = Field(True, description="wait for Ctrl-C after deploying")
 
     @field_validator("models", mode="before")
@@ -208,17 +222,41 @@ class Config(StageConfig):
             raise ValueError(f"model name {duplicate!r} is given twice")
         return self
 
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from ui.prompts import load_prompt_set
+
+        path = Path(value).expanduser().resolve()
+        load_prompt_set(path)  # raises ValueError naming the file and line
+        return str(path)
+
     @property
     def api_base(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
 
+    def votes_directory(self) -> str:
+        """Where votes go by default: ``<run>/ui`` — ``run`` when given, else the run directory of the first
+        served model (the folder above its stage's, which holds the stage's manifest.json)."""
+        if "run" in self.model_fields_set:
+            return f"{self.run.rstrip('/')}/ui"
+        model = self.models[0].path
+        if "://" in model:
+            return f"{model.rstrip('/').rsplit('/', 2)[0]}/ui"
+        stage = Path(model).parent
+        return str((stage.parent if (stage / "manifest.json").is_file() else stage) / "ui")
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        if "://" in self.run:
-            raise ConfigError("database_url is required when the run directory is not local")
-        return f"sqlite:///{Path(self.run).resolve() / 'ui' / 'preferences.db'}"
+        directory = self.votes_directory()
+        if "://" in directory:
+            raise ConfigError(f"database_url is required: the votes' default place {directory} is not local "
+                              "(SQLite needs a local file)")
+        return f"sqlite:///{Path(directory).resolve() / 'preferences.db'}"
 
 
 CLI_FLAGS: tuple[Flag, ...] = (
@@ -233,10 +271,23 @@ CLI_FLAGS: tuple[Flag, ...] = (
     Flag(("--api-key",), "api_keys", "require this Bearer key (repeat for several)", {"action": "append"}),
     Flag(("--ui",), "ui", "serve the rating UI at /ui", {"action": argparse.BooleanOptionalAction}),
     Flag(("--database-url",), "database_url", "the UI's preference store (SQLAlchemy URL)"),
+    Flag(("--prompts",), "prompts", "a prompt set for the rating app's rounds (.txt or .jsonl)"),
+    Flag(("--replace",), "replace", "replace groundup's deployment already serving on --port",
+         {"action": "store_true"}),
 )
 
 
 # ---- Serve applications -------------------------------------------------------------------------------
+def server_settings(config: Config):
+    from serving.model_server import ServerSettings
+
+    return ServerSettings(max_batch_size=config.max_batch_size, default_max_tokens=config.default_max_tokens,
+                          device=config.device, stream_interval=config.stream_interval, dtype=config.dtype,
+                          engine_process=config.engine_process,
+                          max_choices_per_request=config.max_choices_per_request,
+                          max_tokens_per_request=config.max_tokens_per_request)
+
+
 def build_application(config: Config):
     """The API application: the OpenAI ingress bound to one ModelServer deployment per model."""
     from ray import serve
@@ -252,26 +303,22 @@ def build_application(config: Config):
     settings = ApiSettings(max_context={m.name: m.max_context for m in config.models},
                            versions={m.name: m.version for m in config.models},
                            api_keys=tuple(config.api_keys), rate_limit_per_minute=config.rate_limit_per_minute)
+    server = server_settings(config)
+    model_options = dict(max_ongoing_requests=config.max_ongoing_requests,
+                         health_check_period_s=config.health_check_period_s,
+                         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **runtime_env},
+                         **scaling)
     if config.colocate and len(config.models) == 1:
         from serving.api import ColocatedIngress
 
         entry = config.models[0]
-        deployment = serve.deployment(serve.ingress()(ColocatedIngress)).options(
-            name=f"model-{entry.name}", max_ongoing_requests=config.max_ongoing_requests,
-            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **runtime_env},
-            **scaling)
-        return deployment.bind(entry.name, (entry.name, entry.path, config.max_batch_size, config.default_max_tokens,
-                                            config.device, config.stream_interval, config.dtype,
-                                            config.engine_process), settings)
+        deployment = serve.deployment(serve.ingress()(ColocatedIngress)).options(name=f"model-{entry.name}",
+                                                                                 **model_options)
+        return deployment.bind(entry.name, entry.path, server, settings)
     handles = {}
     for entry in config.models:
-        deployment = serve.deployment(ModelServer).options(
-            name=f"model-{entry.name}", max_ongoing_requests=config.max_ongoing_requests,
-            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus, **runtime_env},
-            **scaling)
-        handles[entry.name] = deployment.bind(entry.name, entry.path, config.max_batch_size,
-                                              config.default_max_tokens, config.device, config.stream_interval,
-                                              config.dtype, config.engine_process)
+        deployment = serve.deployment(ModelServer).options(name=f"model-{entry.name}", **model_options)
+        handles[entry.name] = deployment.bind(entry.name, entry.path, server)
     ingress = serve.deployment(serve.ingress()(OpenAIIngress)).options(
         name="openai-api", num_replicas=config.ingress_replicas, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": config.ingress_num_cpus, **runtime_env})
@@ -286,13 +333,14 @@ class UIServer:
     """The rating UI as one replica: ``ui.app.build_app`` runs inside the replica (a built Gradio app
     does not pickle), and the API is reached over HTTP like any client."""
 
-    def __init__(self, api_url: str, database_url: str, api_key: str | None = None):
-        self.api_url, self.database_url, self.api_key = api_url, database_url, api_key
+    def __init__(self, api_url: str, database_url: str, api_key: str | None = None, prompts: str | None = None):
+        self.api_url, self.database_url, self.api_key, self.prompts = api_url, database_url, api_key, prompts
 
     def __serve_build_asgi_app__(self):
         from ui.app import build_app
 
-        app = build_app(api_url=self.api_url, database_url=self.database_url, api_key=self.api_key)
+        app = build_app(api_url=self.api_url, database_url=self.database_url, api_key=self.api_key,
+                        prompts=self.prompts)
 
         async def at_site_root(scope, receive, send):
             # Serve sets root_path to the route prefix ("/ui"); build_app already mounts Gradio at /ui,
@@ -312,7 +360,7 @@ def build_ui_application(config: Config):
         name="ui", num_replicas=1, ray_actor_options={"num_cpus": config.ingress_num_cpus})
     # With API keys on, the UI is one more client of the API and uses the first key.
     api_key = config.api_keys[0] if config.api_keys else None
-    return deployment.bind(api_url, config.resolved_database_url(), api_key)
+    return deployment.bind(api_url, config.resolved_database_url(), api_key, config.prompts)
 
 
 def _config_from_args(args: dict[str, Any]) -> Config:
@@ -338,15 +386,112 @@ def _metrics_url() -> str | None:
     return None
 
 
-def deploy(config: Config) -> dict[str, str]:
-    """Start Serve on the running Ray cluster and deploy the API (and the UI); returns the URLs."""
+def _replicas_per_model(config: Config) -> int:
+    return config.autoscaling.min_replicas if config.autoscaling is not None else config.replicas
+
+
+def required_resources(config: Config) -> dict[str, float]:
+    """CPUs and GPUs the deployment reserves in Ray's scheduler (Serve's controller and proxy take none)."""
+    models = len(config.models) * _replicas_per_model(config)
+    cpus = models * config.num_cpus
+    if not (config.colocate and len(config.models) == 1):
+        cpus += config.ingress_replicas * config.ingress_num_cpus
+    if config.ui:
+        cpus += config.ingress_num_cpus
+    return {"CPU": round(cpus, 3), "GPU": round(models * config.num_gpus, 3)}
+
+
+def check_resources(config: Config) -> None:
+    """Fail in one line, before deploying, when the cluster lacks what the deployment reserves."""
+    import ray
+
+    if not config.check_resources:
+        return
+    need, free = required_resources(config), ray.available_resources()
+    for kind, setting in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        if need[kind] <= free.get(kind, 0.0) + 1e-9:
+            continue
+        parts = [f"{len(config.models)} model(s) x {_replicas_per_model(config)} replica(s) x "
+                 f"{setting}={getattr(config, setting):g}"]
+        if kind == "CPU" and not (config.colocate and len(config.models) == 1):
+            parts.append(f"API {config.ingress_replicas} x {config.ingress_num_cpus:g}")
+        if kind == "CPU" and config.ui:
+            parts.append(f"rating app {config.ingress_num_cpus:g}")
+        raise ConfigError(f"not enough {kind}s: the deployment needs {need[kind]:g} ({' + '.join(parts)}) and the "
+                          f"cluster has {free.get(kind, 0.0):g} free: lower {setting} or replicas (on an "
+                          "autoscaling cluster: check_resources=false)")
+
+
+def port_owner(host: str, port: int) -> dict[str, str] | None:
+    """Who listens on host:port: None for nobody, Ray Serve's applications ({route: name}, maybe empty) when
+    its proxy answers ``/-/routes``, else ``{"": "another program"}``."""
+    import httpx
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            pass
+    except OSError:
+        return None
+    try:
+        routes = httpx.get(f"http://{address}:{port}/-/routes", timeout=5).json()
+        if isinstance(routes, dict) and all(isinstance(v, str) for v in routes.values()):
+            return {str(route): name for route, name in routes.items()}
+    except (httpx.HTTPError, ValueError):
+        pass
+    return {"": "another program"}
+
+
+def _running_serve_port() -> int | None:
+    """The HTTP port of Ray Serve on the connected cluster, or None when Serve is not running there."""
+    try:  # Serve has no public call for its running HTTP options; its client keeps them
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else int(client.http_config.port)
+    except Exception:
+        return None
+
+
+def check_port(config: Config) -> None:
+    """Refuse, before deploying, a port another program or another deployment is using (one line each);
+    with ``replace``, groundup's applications already served there are deleted first."""
     from ray import serve
 
     from pipelines.ray_env import ensure_ray
 
+    owner = port_owner(config.host, config.port)
+    if owner and "" in owner and owner[""] == "another program":
+        raise ConfigError(f"port {config.port} is in use by another program: choose another --port")
+    apps = sorted(set((owner or {}).values()))
+    if apps and not config.replace:
+        listing = ", ".join(f"{name} (at {route})" for route, name in sorted(owner.items()))
+        raise ConfigError(f"port {config.port} already serves the Ray Serve application(s) {listing}: stop that "
+                          "`groundup serve`, choose another --port, or pass --replace to replace it")
+    ensure_ray()
+    running = _running_serve_port()
+    if running is not None and running != config.port:
+        raise ConfigError(f"Ray Serve already runs on this cluster at port {running} (one port per cluster): use "
+                          f"--port {running}, adding --replace to replace what it serves")
+    if owner is not None and running is None:
+        raise ConfigError(f"port {config.port} is served by Ray Serve of another Ray cluster than this command "
+                          "joins (RAY_ADDRESS): stop it there or choose another --port")
+    for name in apps:
+        if name in (API_APP_NAME, UI_APP_NAME):  # the deployment `groundup serve` makes; others stay
+            serve.delete(name)
+
+
+def deploy(config: Config) -> dict[str, str]:
+    """Start Serve on the running Ray cluster and deploy the API (and the UI); returns the URLs.
+
+    Checked first, each failing in one line: the port (free, or ours to ``replace``) and the resources the
+    deployment reserves against what the cluster has free."""
+    from ray import serve
+
     if config.throughput_mode:
         apply_serve_throughput_env()
-    ensure_ray()
+    check_port(config)  # before joining Ray: a used port is refused at once
+    check_resources(config)
     serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config), name=API_APP_NAME, route_prefix=config.route_prefix, blocking=False)
     urls = {"api": f"{config.api_base}/v1", "health": f"{config.api_base}/health"}
@@ -355,6 +500,7 @@ def deploy(config: Config) -> dict[str, str]:
             serve.run(build_ui_application(config), name=UI_APP_NAME, route_prefix=UI_ROUTE_PREFIX, blocking=False)
             host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
             urls["ui"] = f"http://{host}:{config.port}{UI_ROUTE_PREFIX}/"
+            urls["votes"] = config.resolved_database_url()
         else:
             urls["ui"] = "not served: ui/app.py is not installed (use --no-ui to silence this)"
     metrics = _metrics_url()

@@ -1,113 +1,133 @@
-"""A continuous-batching generation engine over model/'s KV cache rows. No Ray here.
+"""A continuous-batching engine: requests and a background thread around the generation core. No Ray.
 
-The KV cache holds ``max_batch_size`` rows (slots). Every :meth:`Engine.step`:
+The core (:class:`model.generate.Decoder`) owns ``max_batch_size`` KV-cache rows, prefill, sampling,
+stopping and finish reasons. This module adds what a server needs around it:
 
-1. admits waiting sequences into free rows and prefills them (one padded forward pass),
-   sampling each new sequence's first token;
-2. decodes one token for every running sequence (one forward pass over their rows, each at its own
-   position) — so new requests join while others are mid-answer, and a finished sequence frees its
-   row at once for the next waiting one.
-
-Each sequence keeps its own :class:`SamplingParams` and seeded generator, so its output does not depend
-on what else shares the batch. Results are pushed to a per-sequence callback; :meth:`Engine.stream`
-turns that into an async iterator for asyncio servers. :meth:`Engine.start` runs steps on a background
-thread (PyTorch releases the GIL inside its kernels, so the event loop stays responsive).
+- :meth:`Engine.submit` / :meth:`Engine.cancel` from any thread (requests are handed to the decoder
+  between steps, so the decoder itself is only ever touched by the engine's thread);
+- a callback per sequence with each :class:`~model.generate.GenerationEvent` (a new sequence joins the
+  running ones at the next step, and a finished one frees its row at once);
+- **jobs** — work other than token-by-token sampling that needs the model: prompt scoring for ``echo`` /
+  ``logprobs`` (:func:`model.scoring.sequence_logprobs`) and beam search
+  (:class:`model.generate.BeamSearch`), advanced one forward pass per engine step between decoding steps;
+- :meth:`Engine.start` runs steps on a daemon thread (PyTorch releases the GIL inside its kernels);
+  :meth:`Engine.stream` is an async iterator for asyncio servers.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import threading
-from collections import deque
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import torch
 
-from model.generate import IncrementalDetokenizer, SamplingParams, sample_next_token, seeded_generator
-from model.llama import KVCache, Transformer
+from model.generate import (BeamSearch, Decoder, GenerationEvent, PromptTooLongError, SamplingParams,
+                            SequenceState)
+from model.scoring import sequence_logprobs
 from model.tokenizer import Tokenizer
 
-
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room in the model's context for even one generated token."""
-
-
-@dataclass(frozen=True)
-class GenerationEvent:
-    """One step of one sequence. ``text`` is the new text; ``finish_reason`` is set on the last event."""
-
-    sequence_id: int
-    token_id: int | None  # None on an event that only finishes the sequence (cancel, error)
-    text: str
-    finish_reason: str | None  # "stop", "length", "cancelled" or "error"
-    completion_tokens: int  # tokens of the answer so far (a stop token is not counted)
-    error: str | None = None
-
+__all__ = ["Engine", "GenerationEvent", "PromptTooLongError", "JobDone", "EventCallback", "JOB_KINDS"]
 
 EventCallback = Callable[[GenerationEvent], None]
 
 
-@dataclass
-class _Sequence:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_event: EventCallback
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    row: int | None = None
-    finished: bool = False
+@dataclass(frozen=True)
+class JobDone:
+    """A job's outcome: its result, or the error that ended it (one line, for the server's log)."""
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.generated)
+    result: Any = None
+    error: str | None = None
+
+
+JobCallback = Callable[[JobDone], None]
+
+
+class Job(Protocol):
+    def step(self) -> bool:
+        """Do one forward pass of work; True once finished."""
+
+    def results(self) -> Any: ...
+
+
+class _Scoring:
+    """Log-probabilities of given sequences (the API's echo/logprobs): model.scoring in one step."""
+
+    def __init__(self, engine: "Engine", sequences: list[list[int]], top_n: int):
+        self.model, self.sequences, self.top_n = engine.model, sequences, top_n
+        self._results = None
+
+    def step(self) -> bool:
+        self._results = sequence_logprobs(self.model, self.sequences, top_n=self.top_n)
+        return True
+
+    def results(self):
+        return self._results
+
+
+def _beam_search(engine: "Engine", prompt: list[int], params: SamplingParams, width: int, n: int,
+                 length_penalty: float = 1.0) -> BeamSearch:
+    return BeamSearch(engine.model, prompt, params, width, n, engine.tokenizer, length_penalty)
+
+
+# A job is named by a kind and picklable arguments, so the engine in a child process builds it there.
+JOB_KINDS: dict[str, Callable[..., Job]] = {"score": _Scoring, "beam_search": _beam_search}
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16):
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = model.config
-        parameter = next(model.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
+        self.decoder = Decoder(model, max_batch_size, tokenizer)
+        self.config = self.decoder.config
         self.max_batch_size = max_batch_size
-        self.cache = KVCache.allocate(self.config, max_batch_size, self.config.max_seq_len, self.device,
-                                      self.dtype)
-        self._free_rows = list(range(max_batch_size))
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._callbacks: dict[int, EventCallback] = {}
+        self._sequences: dict[int, SequenceState] = {}
+        self._incoming: list[tuple[int, list[int], SamplingParams]] = []
         self._cancelled: set[int] = set()
+        self._new_jobs: list[tuple[int, str, tuple, JobCallback]] = []
+        self._jobs: list[tuple[int, Job, JobCallback]] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    # ---- requests ---------------------------------------------------------------------------
+    # ---- requests (any thread) ----------------------------------------------------------------------
     @property
     def max_context(self) -> int:
         return self.config.max_seq_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
     def check_prompt(self, prompt: Sequence[int]) -> None:
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_context:
-            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; this model's context holds "
-                                     f"{self.max_context}, so at most {self.max_context - 1} fit")
+        self.decoder.check_prompt(prompt)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: EventCallback) -> int:
-        """Queue a sequence; ``on_event`` is called (from the engine's thread) with each event."""
-        self.check_prompt(prompt)
-        sequence = _Sequence(next(self._ids), [int(t) for t in prompt], params, on_event,
-                             IncrementalDetokenizer(self.tokenizer, params.stop), seeded_generator(params.seed))
+        """Queue a sequence (the prompt is checked here); ``on_event`` is called from the engine's thread
+        with each event."""
+        prompt = self.decoder.check_prompt(prompt)
         with self._work:
-            self._waiting.append(sequence)
+            sequence_id = next(self._ids)
+            self._callbacks[sequence_id] = on_event
+            self._incoming.append((sequence_id, prompt, params))
             self._work.notify()
-        return sequence.id
+        return sequence_id
+
+    def submit_job(self, kind: str, args: tuple, on_done: JobCallback) -> int:
+        """Queue a job (``JOB_KINDS[kind](engine, *args)``); ``on_done`` gets its :class:`JobDone`."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        with self._work:
+            job_id = next(self._ids)
+            self._new_jobs.append((job_id, kind, tuple(args), on_done))
+            self._work.notify()
+        return job_id
 
     def cancel(self, sequence_id: int) -> None:
         """Stop a sequence (its client went away); its row is freed at the next step."""
@@ -115,46 +135,79 @@ class Engine:
             self._cancelled.add(sequence_id)
             self._work.notify()
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def is_alive(self) -> bool:
         """The background thread is running (see :meth:`start`)."""
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.decoder.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.decoder.waiting) + len(self._incoming)
 
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting or self._cancelled)
+        return bool(self.decoder.has_work() or self._incoming or self._cancelled or self._jobs or self._new_jobs)
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop (the engine's thread) ---------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit and prefill waiting sequences, then decode one token for every running one."""
-        admitted = self._admit()
-        if admitted:
+        """Take new requests and cancellations, run one decoding step, then advance each job by one step."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, set()
+            new_jobs, self._new_jobs = self._new_jobs, []
+        for sequence_id, prompt, params in incoming:
+            self._sequences[sequence_id] = self.decoder.add(sequence_id, prompt, params)
+        for sequence_id in cancelled:
+            sequence = self._sequences.get(sequence_id)
+            if sequence is not None and not sequence.finished:
+                self._emit(self.decoder.cancel(sequence))
+        for job_id, kind, args, on_done in new_jobs:
             try:
-                self._prefill(admitted)
-            except Exception as err:  # a failed forward pass must end its requests, never hang them
-                self._fail(admitted, err)
-        just_prefilled = {s.id for s in admitted}
-        decoding = [s for s in self._running if not s.finished and s.id not in just_prefilled]
-        if decoding:
+                self._jobs.append((job_id, JOB_KINDS[kind](self, *args), on_done))
+            except Exception as err:  # bad arguments end this job only
+                self._call(on_done, JobDone(error=f"{type(err).__name__}: {err}"))
+        for event in self.decoder.step():
+            self._emit(event)
+        self._advance_jobs()
+
+    def _advance_jobs(self) -> None:
+        still = []
+        for job_id, job, on_done in self._jobs:
             try:
-                self._decode(decoding)
-            except Exception as err:
-                self._fail(decoding, err)
-        self._release_finished()
+                if not job.step():
+                    still.append((job_id, job, on_done))
+                    continue
+                outcome = JobDone(result=job.results())
+            except Exception as err:  # a failing job ends itself, never the engine
+                outcome = JobDone(error=f"{type(err).__name__}: {err}")
+            self._call(on_done, outcome)
+        self._jobs = still
+
+    def _emit(self, event: GenerationEvent) -> None:
+        finished = event.finish_reason is not None
+        callback = self._callbacks.pop(event.sequence_id) if finished else self._callbacks.get(event.sequence_id)
+        if finished:
+            self._sequences.pop(event.sequence_id, None)
+        if callback is not None and not self._call(callback, event) and not finished:
+            # A broken consumer must not stop the engine for everyone else: drop its sequence.
+            sequence = self._sequences.pop(event.sequence_id, None)
+            self._callbacks.pop(event.sequence_id, None)
+            if sequence is not None:
+                self.decoder.cancel(sequence)
+
+    @staticmethod
+    def _call(callback: Callable, value) -> bool:
+        try:
+            callback(value)
+            return True
+        except Exception:
+            return False
 
     def run_until_idle(self) -> None:
-        """Step until every submitted sequence has finished (synchronous use and tests)."""
+        """Step until every submitted sequence and job has finished (synchronous use and tests)."""
         while self.has_work():
             self.step()
 
@@ -180,100 +233,14 @@ class Engine:
                     self._work.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # end what is open with an error, keep serving the next requests
+                self._fail_all(f"{type(err).__name__}: {err}")
 
-    # ---- steps ----------------------------------------------------------------------------------
-    def _admit(self) -> list[_Sequence]:
-        with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
-            for sequence in self._running:
-                if sequence.id in cancelled and not sequence.finished:
-                    self._finish(sequence, "cancelled")
-            kept = deque()
-            for sequence in self._waiting:
-                if sequence.id in cancelled:
-                    self._emit(sequence, GenerationEvent(sequence.id, None, "", "cancelled", 0))
-                else:
-                    kept.append(sequence)
-            self._waiting = kept
-            self._release_finished()
-            admitted = []
-            while self._waiting and self._free_rows:
-                sequence = self._waiting.popleft()
-                sequence.row = self._free_rows.pop(0)
-                admitted.append(sequence)
-            self._running.extend(admitted)
-            return admitted
-
-    def _prefill(self, sequences: list[_Sequence]) -> None:
-        width = max(len(s.prompt) for s in sequences)
-        tokens = torch.zeros(len(sequences), width, dtype=torch.long)
-        for index, sequence in enumerate(sequences):
-            tokens[index, : len(sequence.prompt)] = torch.tensor(sequence.prompt)
-        # Padding positions write junk keys past each prompt's end; the mask hides them and decoding
-        # overwrites them position by position, so they are never attended to.
-        positions = torch.arange(width).expand(len(sequences), width)
-        rows = torch.tensor([s.row for s in sequences])
-        logits = self.model(tokens.to(self.device), positions=positions.to(self.device), cache=self.cache,
-                            rows=rows.to(self.device))
-        lengths = torch.tensor([len(s.prompt) for s in sequences], device=self.device)
-        last = logits[torch.arange(len(sequences), device=self.device), lengths - 1].float().cpu()
-        for index, sequence in enumerate(sequences):
-            self._accept(sequence, last[index])
-
-    def _decode(self, sequences: list[_Sequence]) -> None:
-        rows = torch.tensor([s.row for s in sequences], device=self.device)
-        tokens = torch.tensor([[s.generated[-1]] for s in sequences], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in sequences], device=self.device)
-        logits = self.model(tokens, positions=positions, cache=self.cache, rows=rows)[:, -1].float().cpu()
-        for index, sequence in enumerate(sequences):
-            self._accept(sequence, logits[index])
-
-    def _accept(self, sequence: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of ``sequence`` and report it."""
-        params = sequence.params
-        token = sample_next_token(logits, params, sequence.prompt + sequence.generated, sequence.generator)
-        finish_reason = None
-        if token in params.stop_token_ids:
-            finish_reason = "stop"  # the stop token ends the answer; it is not part of it
-            text, hit_stop = sequence.detokenizer.update(sequence.generated)
-        else:
-            sequence.generated.append(token)
-            text, hit_stop = sequence.detokenizer.update(sequence.generated)
-            if hit_stop:
-                finish_reason = "stop"
-            elif len(sequence.generated) >= params.max_new_tokens or sequence.length >= self.max_context:
-                finish_reason = "length"
-        if finish_reason is not None:
-            text += sequence.detokenizer.flush()
-            sequence.finished = True
-        self._emit(sequence, GenerationEvent(sequence.id, token, text, finish_reason, len(sequence.generated)))
-
-    def _finish(self, sequence: _Sequence, reason: str, error: str | None = None) -> None:
-        sequence.finished = True
-        self._emit(sequence, GenerationEvent(sequence.id, None, sequence.detokenizer.flush(), reason,
-                                             len(sequence.generated), error))
-
-    def _fail(self, sequences: list[_Sequence], err: Exception) -> None:
-        for sequence in sequences:
-            if not sequence.finished:
-                self._finish(sequence, "error", f"{type(err).__name__}: {err}")
-
-    def _release_finished(self) -> None:
-        still = []
-        for sequence in self._running:
-            if sequence.finished:
-                self._free_rows.append(sequence.row)
-            else:
-                still.append(sequence)
-        self._running = still
-
-    @staticmethod
-    def _emit(sequence: _Sequence, event: GenerationEvent) -> None:
-        try:
-            sequence.on_event(event)
-        except Exception:  # a broken consumer must not stop the engine for everyone else
-            sequence.finished = True
+    def _fail_all(self, error: str) -> None:
+        for sequence in [*self.decoder.waiting, *self.decoder.running]:
+            self._emit(self.decoder.cancel(sequence, "error", error))
 
     # ---- asyncio ----------------------------------------------------------------------------------
     async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
@@ -293,4 +260,3 @@ class Engine:
         finally:
             if not finished:
                 self.cancel(sequence_id)
-

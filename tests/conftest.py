@@ -182,7 +182,7 @@ def serving_app(ray_cluster, serving_checkpoint, tmp_path_factory):
     port = _free_port()
     database_url = f"sqlite:///{tmp_path_factory.mktemp('ui-store') / 'preferences.db'}"
     config = Config(models=[f"tiny={serving_checkpoint}", f"tiny-2={serving_checkpoint}"], port=port,
-                    num_cpus=0.5, max_batch_size=8, default_max_tokens=32, ui=ui_available(),
+                    num_cpus=0.5, max_batch_size=8, default_max_tokens=32, max_tokens_per_request=4096, ui=ui_available(),
                     database_url=database_url, block=False)
     urls = deploy(config)
     secure = config.model_copy(update={"models": config.models[:1], "api_keys": ["test-key-1", "test-key-2"],
@@ -200,3 +200,11 @@ def serving_app(ray_cluster, serving_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def serving_base_url(serving_app) -> str:
     return serving_app.base_url
+
+
+@pytest.fixture(scope="session")
+def openai_client(serving_app):
+    """The official openai client pointed at the serving_app's API (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=serving_app.api_url, api_key="unused", max_retries=0, timeout=120)

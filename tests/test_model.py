@@ -1,7 +1,9 @@
 """model/: shapes, accounting, training signal, generation, checkpoints and Hugging Face parity."""
 from __future__ import annotations
 
+import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,7 +154,8 @@ def test_streaming_text_and_stop_strings(builtin_tokenizer):
     prompt = builtin_tokenizer.encode("Return the value of", bos=True)
     params = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=())
     full = generate(model, [prompt], params, tokenizer=builtin_tokenizer)[0]
-    assert full.text == builtin_tokenizer.decode(full.token_ids)
+    # the answer continues the prompt's text (its first word keeps its space)
+    assert builtin_tokenizer.decode(prompt) + full.text == builtin_tokenizer.decode(prompt + full.token_ids)
     streamed = "".join(e.text for events in generate_stream(model, [prompt], params, builtin_tokenizer)
                        for e in events)
     assert streamed == full.text
@@ -167,11 +170,205 @@ def test_incremental_detokenizer_holds_back_stop_prefix(builtin_tokenizer):
     ids = builtin_tokenizer.encode("hello world")
     detok = IncrementalDetokenizer(builtin_tokenizer, stop=("world!",))
     text, stopped = "", False
-    for n in range(1, len(ids) + 1):
-        delta, stopped = detok.update(ids[:n])
+    for token in ids:
+        delta, stopped = detok.add(token)
         text += delta
     assert not stopped and "world" not in text  # could still become "world!"
     assert text + detok.flush() == "hello world"
+
+
+def test_incremental_detokenizer_is_linear_in_the_answer(builtin_tokenizer):
+    """Each token decodes a short window, not the whole answer again (which made streaming quadratic)."""
+    class CountingTokenizer(type(builtin_tokenizer)):
+        decoded = 0
+
+        def decode(self, ids, skip_special=True):
+            ids = list(ids)
+            CountingTokenizer.decoded += len(ids)
+            return super().decode(ids, skip_special)
+
+    tokenizer = CountingTokenizer(builtin_tokenizer.sp, builtin_tokenizer.model_bytes)
+    text = "Return the value of the attribute, or raise an error when it is missing. " * 12
+    ids = tokenizer.encode(text)
+    prompt = tokenizer.encode("Docs:", bos=True)
+    detok = IncrementalDetokenizer(tokenizer, stop=("never appears",), context=prompt)
+    streamed = "".join(detok.add(t)[0] for t in ids) + detok.flush()
+    assert tokenizer.decode(prompt) + streamed == tokenizer.decode(prompt + ids)
+    assert len(ids) > 150 and CountingTokenizer.decoded < 30 * len(ids)  # quadratic: ~len(ids)**2
+
+
+def test_sampling_is_numerically_safe_for_every_accepted_value():
+    """Tiny temperatures, top-p, min-p and penalties (1e-40, 5e-324, the largest floats) never produce a
+    NaN or an out-of-range token; a temperature below GREEDY_BELOW is the argmax; a row of NaN logits is
+    reported bad without touching the other rows."""
+    from model.generate import GREEDY_BELOW, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50) * 30
+    logits[3] = float("nan")
+    logits[5, 7] = float("inf")
+    params = [SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-40, top_p=5e-324),
+              SamplingParams(temperature=GREEDY_BELOW * 2, top_p=1e-40, repetition_penalty=1e-40),
+              SamplingParams(temperature=1.0), SamplingParams(min_p=5e-324, repetition_penalty=5e-324),
+              SamplingParams(temperature=1e-40), SamplingParams(temperature=2.0, top_k=3, min_p=1.0),
+              SamplingParams(temperature=1.5, top_p=1e-40, repetition_penalty=10.0, top_logprobs=5)]
+    seen = torch.rand(8, 50) > 0.5
+    result = sample(logits, params, [0.999999999] * 4 + [0.0] * 4, seen)
+    host = result.to_host()
+    assert [bad for _, _, bad, _ in host] == [False, False, False, True, False, True, False, False]
+    assert all(0 <= token < 50 for token, _, _, _ in host)
+    assert all(math.isfinite(logprob) and logprob <= 0 for i, (_, logprob, _, _) in enumerate(host)
+               if i not in (3, 5))
+    assert host[0][0] == int(logits[0].argmax()) and host[1][0] == int(logits[1].argmax())
+    assert host[6][0] == int(logits[6].argmax())  # min_p = 1 keeps only the most likely token
+    assert host[7][3][0][1] == pytest.approx(float(torch.log_softmax(logits[7], -1).max()), abs=1e-5)
+    # the good rows are what they are alone
+    for row in (0, 1, 2, 4, 6, 7):
+        alone = sample(logits[row:row + 1], [params[row]], [[0.999999999] * 4 + [0.0] * 4][0][row:row + 1],
+                       seen[row:row + 1]).to_host()[0]
+        assert alone[:3] == host[row][:3]
+
+
+def test_sampled_tokens_follow_the_distribution():
+    """Inverse-CDF sampling with per-row uniforms draws tokens at their probabilities (chi-square-free check:
+    frequencies within a few standard errors), and top-k / top-p cut exactly the tokens they should."""
+    from model.generate import sample
+
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))[None].repeat(4000, 1)
+    uniforms = [(i + 0.5) / 4000 for i in range(4000)]
+    counts = torch.bincount(sample(logits, [SamplingParams()] * 4000, uniforms).tokens, minlength=4)
+    assert counts.tolist() == [2000, 1000, 600, 400]
+    top_p = sample(logits, [SamplingParams(top_p=0.7)] * 4000, uniforms).tokens  # keeps 0.5 + 0.25
+    assert set(top_p.tolist()) == {0, 1} and abs(int((top_p == 0).sum()) - 2667) <= 2
+    top_k = sample(logits, [SamplingParams(top_k=3)] * 4000, uniforms).tokens
+    assert set(top_k.tolist()) == {0, 1, 2}
+    min_p = sample(logits, [SamplingParams(min_p=0.4)] * 4000, uniforms).tokens  # p >= 0.2 stay
+    assert set(min_p.tolist()) == {0, 1}
+
+
+def test_logprobs_are_the_raw_model_distribution_and_match_scoring(tiny_model):
+    """Each token's log-prob is log_softmax of the model's logits (before temperature and filters), the
+    same number model.scoring gives for the finished text; top alternatives come most likely first."""
+    from model.scoring import sequence_logprobs
+
+    params = [SamplingParams(max_new_tokens=10, temperature=0, top_logprobs=3, stop_token_ids=()),
+              SamplingParams(max_new_tokens=8, temperature=1.3, top_p=0.8, seed=5, stop_token_ids=()),
+              SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, seed=6, repetition_penalty=1.5,
+                             stop_token_ids=())]
+    results = generate(tiny_model, PROMPTS, params)
+    for prompt, result, sampling in zip(PROMPTS, results, params):
+        assert len(result.logprobs) == len(result.token_ids) == sampling.max_new_tokens
+        scored = sequence_logprobs(tiny_model, [prompt + result.token_ids])[0]
+        assert result.logprobs == pytest.approx(scored.logprobs[len(prompt):], abs=1e-4)
+    greedy = results[0]
+    assert all(len(top) == 3 and top[0][0] == token and top[0][1] == pytest.approx(lp, abs=1e-6)
+               for top, token, lp in zip(greedy.top_logprobs, greedy.token_ids, greedy.logprobs))
+    assert results[1].top_logprobs == []  # not asked for
+
+
+def test_a_poisoned_sequence_fails_alone(tiny_model):
+    """A prompt whose token has a NaN embedding, and a forward pass that raises for one sequence, end only
+    that sequence (with an error); the others decode exactly as they do alone."""
+    class FailsOnToken(Transformer):  # a model whose forward raises whenever token 98 is in its input
+        def forward(self, tokens, *args, **kwargs):
+            if (tokens == 98).any():
+                raise RuntimeError("broken kernel")
+            return super().forward(tokens, *args, **kwargs)
+
+    torch.manual_seed(1)  # untied, so that only the input embedding of token 99 is NaN
+    failing = FailsOnToken(preset("1m", vocab_size=512, max_seq_len=128, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        failing.embedding.weight[99] = float("nan")
+    good = [[5, 6, 7], [9, 10, 11, 12], [20], [30, 31], [40, 41, 42, 43, 44]]
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=11, stop_token_ids=())
+    prompts = good[:2] + [[1, 99, 3], [4, 98]] + good[2:]
+    together = generate(failing, prompts, params)
+    assert [c.finish_reason for c in together] == ["length"] * 2 + ["error"] * 2 + ["length"] * 3
+    assert "finite" in together[2].error and "broken kernel" in together[3].error
+    alone = [generate(failing, [p], params)[0].token_ids for p in good]
+    assert [c.token_ids for c in together[:2] + together[4:]] == alone
+
+
+def test_beam_search_finds_likely_answers(tiny_model):
+    """Width 1 is greedy; scores are sums of the tokens' raw log-probs; n answers come best first and a
+    wider beam finds an answer at least as likely as greedy's."""
+    from model.generate import beam_search
+    from model.scoring import sequence_logprobs
+
+    prompt = PROMPTS[1]
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    greedy = generate(tiny_model, [prompt], SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=()))[0]
+    assert beam_search(tiny_model, prompt, params, width=1)[0].token_ids == greedy.token_ids
+    beams = beam_search(tiny_model, prompt, params, width=4, n=3)
+    assert len(beams) == 3 and all(b.finish_reason == "length" and len(b.token_ids) == 6 for b in beams)
+    totals = [sum(b.logprobs) for b in beams]
+    assert totals == sorted(totals, reverse=True) and totals[0] >= sum(greedy.logprobs) - 1e-5
+    for beam in beams:
+        scored = sequence_logprobs(tiny_model, [prompt + beam.token_ids])[0]
+        assert beam.logprobs == pytest.approx(scored.logprobs[len(prompt):], abs=1e-4)
+    stop = beams[0].token_ids[2]
+    stopped = beam_search(tiny_model, prompt, SamplingParams(max_new_tokens=6, stop_token_ids=(stop,)), width=4)
+    assert all(stop not in b.token_ids for b in stopped)
+
+
+def _synced_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of test_synced_generation_under_zero3: a ZeRO-3 DeepSpeed engine on gloo (CPU)."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=256, max_seq_len=64))
+    # Partition every parameter (small ones stay whole by default), so that each forward is a collective.
+    engine, *_ = deepspeed.initialize(model=model, dist_init_required=False, config={
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    forwards = []
+    engine.module.register_forward_hook(lambda *_: forwards.append(1))
+    prompts, lengths = SYNCED_WORK[rank]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, stop_token_ids=()) for i, n in enumerate(lengths)]
+    completions = generate(engine, prompts, params, synced=True)
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps({
+        "forwards": len(forwards), "tokens": [c.token_ids for c in completions],
+        "logprobs": [c.logprobs for c in completions], "finish": [c.finish_reason for c in completions]}))
+    del engine
+
+
+# rank -> (prompts, max_new_tokens per prompt): different counts and lengths
+SYNCED_WORK = {0: ([[5, 6, 7], [9, 10, 11, 12, 13], [20]], [12, 3, 7]), 1: ([[40, 41]], [2])}
+
+
+def test_synced_generation_under_zero3_keeps_every_rank_in_step(tmp_path):
+    """Two gloo processes with ZeRO-3 (every forward gathers parameters from all ranks) and different
+    prompt counts and lengths per rank: synced generation runs the same number of forward passes on every
+    rank, and each rank's answers equal the plain model's."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_synced_worker, args=(len(SYNCED_WORK), port, str(tmp_path)), nprocs=len(SYNCED_WORK))
+    outcome = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in SYNCED_WORK]
+    assert len({o["forwards"] for o in outcome}) == 1 and outcome[0]["forwards"] == 12  # the longest answer
+    torch.manual_seed(0)
+    plain = Transformer(preset("1m", vocab_size=256, max_seq_len=64)).eval()
+    for rank, (prompts, lengths) in SYNCED_WORK.items():
+        params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, stop_token_ids=())
+                  for i, n in enumerate(lengths)]
+        expected = generate(plain, prompts, params)
+        assert outcome[rank]["tokens"] == [c.token_ids for c in expected]
+        assert outcome[rank]["finish"] == ["length"] * len(prompts)
+        for got, want in zip(outcome[rank]["logprobs"], expected):
+            assert got == pytest.approx(want.logprobs, abs=1e-4)
 
 
 def test_checkpoint_round_trip(tmp_path, tiny_model, builtin_tokenizer):

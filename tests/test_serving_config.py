@@ -127,7 +127,7 @@ def test_serving_dtype_defaults_to_fp32_on_cpu_and_bf16_serves(serving_checkpoin
     for name in ("float32", "bfloat16"):
         model, tokenizer = load_for_serving(serving_checkpoint, cpu, name)
         engine = Engine(model, tokenizer, max_batch_size=2)
-        assert next(model.parameters()).dtype == engine.cache.keys[0].dtype == serving_dtype(name, cpu)
+        assert next(model.parameters()).dtype == engine.decoder.cache.keys[0].dtype == serving_dtype(name, cpu)
         prompt = tokenizer.encode("The history of", bos=True)
         with torch.inference_mode():
             logits[name] = model(torch.tensor([prompt])).float()

@@ -48,7 +48,7 @@ def test_continuous_batching_matches_generate_greedy(model_and_tokenizer):
         assert finish == expected.finish_reason == "length"
         assert len(tokens) == params.max_new_tokens
     assert engine.num_running == 0 and engine.num_waiting == 0
-    assert sorted(engine._free_rows) == [0, 1, 2]
+    assert sorted(engine.decoder.free_rows) == [0, 1, 2]
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(model_and_tokenizer):
@@ -134,8 +134,56 @@ def test_async_stream_and_cancel(model_and_tokenizer):
             if not engine.has_work():
                 break
             asyncio.run(asyncio.sleep(0.01))
-        assert engine.num_running == 0 and sorted(engine._free_rows) == [0, 1]
+        assert engine.num_running == 0 and sorted(engine.decoder.free_rows) == [0, 1]
         again = asyncio.run(collect(None))
         assert [e.token_id for e in again] == [e.token_id for e in full]
     finally:
         engine.shutdown()
+
+
+def test_a_poisoned_request_among_fifteen_good_ones_leaves_them_intact(model_and_tokenizer):
+    """Accepted extreme values (5e-324, 1e-40) in one request of a full batch: it answers (greedy), and the
+    fifteen sampled requests sharing its batch answer exactly as they do alone."""
+    model, tokenizer = model_and_tokenizer
+    good = [(tokenizer.encode(f"{PROMPTS[i % len(PROMPTS)]} {i}", bos=True),
+             SamplingParams(max_new_tokens=6 + i % 5, temperature=0.6 + 0.05 * i, top_p=0.9, top_k=40 * (i % 2),
+                            min_p=0.02 * (i % 3), repetition_penalty=1.0 + 0.1 * (i % 4), seed=100 + i,
+                            stop_token_ids=()))
+            for i in range(15)]
+    poison = (tokenizer.encode("Poison", bos=True),
+              SamplingParams(max_new_tokens=9, temperature=5e-324, top_p=1e-40, min_p=5e-324,
+                             repetition_penalty=1e-40, stop_token_ids=()))
+    together = run_all(Engine(model, tokenizer, max_batch_size=16), good[:7] + [poison] + good[7:])
+    answers = [answer(events) for events in together]
+    poisoned = answers.pop(7)
+    assert poisoned[2] == "length" and len(poisoned[0]) == 9
+    alone = [answer(run_all(Engine(model, tokenizer, max_batch_size=1), [request])[0]) for request in good]
+    assert answers == alone
+    assert all(a[2] == "length" for a in alone)
+
+
+def test_jobs_score_and_beam_search_between_decoding_steps(model_and_tokenizer):
+    """Scoring (model.scoring) and beam search (model.generate) run as engine jobs while sequences decode,
+    with the same results as called directly; a job that fails ends alone."""
+    from model.generate import beam_search
+    from model.scoring import sequence_logprobs
+    from serving.engine import JobDone
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    texts = [tokenizer.encode(t, bos=True) for t in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=5, stop_token_ids=())
+    done: dict[str, JobDone] = {}
+    events: list[GenerationEvent] = []
+    engine.submit(texts[0], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=()), events.append)
+    engine.submit_job("score", (texts, 2), lambda outcome: done.__setitem__("score", outcome))
+    engine.submit_job("beam_search", (texts[1], params, 3, 2), lambda outcome: done.__setitem__("beam", outcome))
+    engine.submit_job("score", ([[5] * 10_000], 0), lambda outcome: done.__setitem__("bad", outcome))
+    engine.run_until_idle()
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 12
+    direct = sequence_logprobs(model, texts, top_n=2)
+    assert [s.logprobs for s in done["score"].result] == [s.logprobs for s in direct]
+    assert [s.top for s in done["score"].result] == [s.top for s in direct]
+    beams = beam_search(model, texts[1], params, 3, 2, tokenizer)
+    assert [(b.token_ids, b.text) for b in done["beam"].result] == [(b.token_ids, b.text) for b in beams]
+    assert done["bad"].result is None and "context" in done["bad"].error

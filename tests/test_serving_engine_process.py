@@ -7,6 +7,9 @@ import threading
 import pytest
 import torch
 
+from serving.engine import Engine
+from serving.model_server import load_for_serving
+
 
 def _collect(engine, prompt, params):
     events, done = [], threading.Event()
@@ -50,6 +53,45 @@ def test_child_engine_answers_like_the_threaded_engine(engine_process, serving_c
     assert engine_process.max_context == local.max_context and engine_process.is_alive()
 
 
+def test_choices_are_coalesced_in_the_child(engine_process, serving_checkpoint):
+    """submit_choice: the child sends one delta per interval (with token strings for log-probs), carrying the
+    same text and log-probs the threaded engine's events give."""
+    import threading
+
+    from model.generate import SamplingParams
+    from serving.model_server import TokenTexts, submit_choice
+
+    params = SamplingParams(max_new_tokens=20, temperature=0.7, seed=5, top_logprobs=2, stop_token_ids=())
+    local = Engine(*load_for_serving(serving_checkpoint, torch.device("cpu")), max_batch_size=2)
+    prompt = local.tokenizer.encode("Rivers flow into", bos=True)
+    expected = []
+    submit_choice(local, TokenTexts(local.tokenizer), prompt, params, 1, 2, expected.append)
+    local.run_until_idle()
+    deltas, done = [], threading.Event()
+    engine_process.submit_choice(prompt, params, 8, 2, lambda d: (deltas.append(d), d.finish_reason and done.set()))
+    assert done.wait(60)
+    assert len(deltas) == 1 + -(-19 // 8)  # the first token alone, then 8 at a time
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in expected)
+    assert [r.logprob for d in deltas for r in d.logprobs] == pytest.approx([r.logprob for d in expected
+                                                                            for r in d.logprobs])
+    assert all(len(r.top) == 2 for d in deltas for r in d.logprobs) and deltas[-1].finish_reason == "length"
+
+
+def test_jobs_run_in_the_child(engine_process, serving_checkpoint):
+    import threading
+
+    from model.checkpoint import load_model
+    from model.scoring import sequence_logprobs
+
+    done, outcomes = threading.Event(), []
+    engine_process.submit_job("score", ([[2, 10, 11, 12], [2, 40]], 1),
+                              lambda outcome: (outcomes.append(outcome), done.set()))
+    assert done.wait(60) and outcomes[0].error is None
+    expected = sequence_logprobs(load_model(serving_checkpoint), [[2, 10, 11, 12], [2, 40]], top_n=1)
+    for got, want in zip(outcomes[0].result, expected):
+        assert got.logprobs[0] is None and got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-5)
+
+
 def test_cancel_ends_the_request(engine_process, serving_checkpoint):
     from model.generate import SamplingParams
 
@@ -70,6 +112,12 @@ def test_a_dead_child_ends_open_requests_with_an_error(serving_checkpoint):
     engine._process.kill()
     assert done.wait(60)
     assert events[-1].finish_reason == "error" and not engine.is_alive()
+    # later work ends at once instead of writing into a broken pipe
+    outcomes = []
+    engine.submit_job("score", ([[2, 10, 11]], 0), outcomes.append)
+    _, late, late_done = _collect(engine, [2, 10], SamplingParams(max_new_tokens=3))
+    assert late_done.wait(5) and late[-1].finish_reason == "error"
+    assert outcomes and outcomes[0].error == "the engine process exited"
 
 
 def test_a_bad_checkpoint_fails_at_start_with_its_path(tmp_path):

@@ -5,20 +5,20 @@ import json
 
 import pytest
 
-from serving.api import ChunkWriter, _sse
-from serving.engine import GenerationEvent
-from serving.model_server import Coalescer
+from serving.api import ChunkWriter, _sse, chat_logprobs, completion_logprobs
+from serving.model_server import ChoiceDelta, Coalescer, TokenLogprob
 from serving.schemas import (ChatChunkChoice, ChatCompletionChunk, CompletionChoice, CompletionResponse, Delta,
                              Usage)
 
 
-def token_events(texts: list[str], finish: str = "length") -> list[GenerationEvent]:
-    """One event per token, as the engine emits them; the last one finishes the sequence."""
-    return [GenerationEvent(0, 100 + i, text, finish if i == len(texts) - 1 else None, i + 1)
+def token_events(texts: list[str], finish: str = "length") -> list[ChoiceDelta]:
+    """One delta per token, as the engine's callback makes them; the last one finishes the choice."""
+    return [ChoiceDelta(text, finish if i == len(texts) - 1 else None, i + 1, 1,
+                        [TokenLogprob(text, tuple(text.encode()), -0.5 * i, None, len(text))], -0.5 * i)
             for i, text in enumerate(texts)]
 
 
-def coalesce(interval: int, events: list[GenerationEvent]) -> list[GenerationEvent]:
+def coalesce(interval: int, events: list[ChoiceDelta]) -> list[ChoiceDelta]:
     coalescer = Coalescer(interval)
     return [out for out in map(coalescer.add, events) if out is not None]
 
@@ -32,6 +32,7 @@ def test_coalesced_events_reassemble_to_the_same_answer(interval):
     sent = coalesce(interval, events)
     assert "".join(e.text for e in sent) == "".join(TEXTS)
     assert sent[0] == events[0]  # the first token goes out alone, at once (time to first token)
+    assert [r for e in sent for r in e.logprobs] == [r for e in events for r in e.logprobs]  # none lost
     assert sent[-1].finish_reason == "length" and sent[-1].completion_tokens == len(TEXTS)
     assert all(e.finish_reason is None for e in sent[:-1])
     assert [e.completion_tokens for e in sent] == sorted(e.completion_tokens for e in sent)
@@ -47,12 +48,11 @@ def test_interval_one_sends_every_event_unchanged():
 
 
 def test_finish_without_a_token_flushes_held_text():
-    # a cancel or error arrives as an event without a token: held text must not be lost
-    events = token_events(["a", "b", "c"], finish=None)[:3] + [GenerationEvent(0, None, "", "cancelled", 3)]
-    events[2] = GenerationEvent(0, 102, "c", None, 3)
+    # a cancel or error arrives as a delta without a token: held text must not be lost
+    events = token_events(["a", "b", "c"], finish=None) + [ChoiceDelta("", "cancelled", 3, 0, None)]
     sent = coalesce(8, events)
     assert [e.text for e in sent] == ["a", "bc"]
-    assert sent[-1].finish_reason == "cancelled" and sent[-1].token_id == 102
+    assert sent[-1].finish_reason == "cancelled" and [r.token for r in sent[-1].logprobs] == ["b", "c"]
 
 
 def test_interval_must_be_positive():
@@ -96,3 +96,17 @@ def test_chat_chunks_are_what_the_schema_models_give():
     assert line.startswith("data: ") and line.endswith("\n\n") and line.count("\n") == 2
     chunk = json.loads(line[6:])
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"content": "hi"}
+
+
+def test_logprobs_objects_have_openais_shapes():
+    records = [TokenLogprob("<s>", (60, 115, 62), None, None, 0),
+               TokenLogprob(" the", (32, 116, 104, 101), -1.5, ((" the", (32,), -1.5), (" a", (32,), -2.0)), 4),
+               TokenLogprob("bytes:\\xe2", (0xE2,), -0.1, ((" x", (32,), -0.05), ("bytes:\\xe2", (0xE2,), -0.1)), 1)]
+    legacy = completion_logprobs(records, offset=10)
+    assert legacy == {"tokens": ["<s>", " the", "bytes:\\xe2"], "token_logprobs": [None, -1.5, -0.1],
+                      "top_logprobs": [None, {" the": -1.5, " a": -2.0}, {" x": -0.05, "bytes:\\xe2": -0.1}],
+                      "text_offset": [10, 10, 14]}
+    chat = chat_logprobs(records[1:])
+    assert chat["refusal"] is None and chat["content"][0] == {
+        "token": " the", "logprob": -1.5, "bytes": [32, 116, 104, 101],
+        "top_logprobs": [{"token": " the", "logprob": -1.5, "bytes": [32]}, {"token": " a", "logprob": -2.0, "bytes": [32]}]}

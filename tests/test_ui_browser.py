@@ -3,6 +3,7 @@ deployment (the shared ``serving_app`` fixture): chat with a model, vote in Comp
 vote in the preference store."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 WAIT_MS = 180_000  # untrained tiny models on a busy CPU: generous, and never asserted on
+ROUND_PROMPTS = ["Name a river.", "What is a prime number?", "Describe the sea."]
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +57,35 @@ def test_chat_then_vote_in_compare_and_read_the_vote_back(ui, page):
     expect(page.locator("#rater input, #rater textarea").first).to_have_value("browser-alice")
 
     # Chat: one streamed turn with a model picked from /v1/models.
-    page.locator("#chat-input textarea").fill("Hello there")
+    page.locator("#chat-input textarea").fill("# Hello there")
     page.locator("#chat-send").click()
-    expect(page.locator("#chat-status")).to_contain_text("finished")
+    expect(page.locator("#chat-status")).to_contain_text("finished turn 1")
     history = page.locator("#chat-history")
-    expect(history).to_contain_text("Hello there")
+    expect(history).to_contain_text("# Hello there")  # shown as typed: plain text, no Markdown heading
+    assert history.locator("h1").count() == 0
     assert page.locator("#chat-input textarea").input_value() == ""
+    # Two long turns outgrow the small model's context: the oldest turns are left out, and the chat says so.
+    long_message = " ".join(["the river flows"] * 15)  # about 110 tokens of a 256-token context
+    for turn in (2, 3):
+        page.locator("#chat-input textarea").fill(long_message)
+        page.locator("#chat-send").click()
+        expect(page.locator("#chat-status")).to_contain_text(f"finished turn {turn}")
+    expect(page.locator("#chat-status")).to_contain_text("earliest message(s) were left out")
+    expect(history).to_contain_text("Hello there")  # still shown to the rater
+
+    # Before any vote the leaderboard says why nothing is rated (no empty table, no broken image).
+    if PreferenceStore(ui.config.resolved_database_url()).count() == 0:
+        page.get_by_role("tab", name="Leaderboard").click()
+        expect(page.locator("#leaderboard-summary")).to_contain_text("No model is rated yet")
+        expect(page.locator("#leaderboard-plot")).to_be_hidden()
 
     # Compare: two anonymous answers, one vote, then the models are revealed.
     page.get_by_role("tab", name="Compare").click()
+    expect(page.locator("#vote-a")).to_be_disabled()  # nothing to vote on yet
     page.locator("#compare-prompt textarea").fill("Tell me a story.")
     page.locator("#compare-generate").click()
     expect(page.locator("#compare-status")).to_contain_text("Which answer is better")
+    expect(page.locator("#vote-a")).to_be_enabled()
     shown = [page.locator(f"#compare-answer-{x} textarea").input_value() for x in "ab"]
     page.locator("#vote-a").click()
     status = page.locator("#compare-status")
@@ -89,9 +108,9 @@ def test_chat_then_vote_in_compare_and_read_the_vote_back(ui, page):
     for letter, candidate in zip("AB", vote.candidates):
         assert f"Answer {letter}: {candidate.model}" in revealed.replace("`", "")
 
-    # A second vote on the same comparison is refused, not stored twice.
-    page.locator("#vote-b").click()
-    expect(status).to_contain_text("already has your vote")
+    # A comparison takes one vote: the buttons are off until the next round.
+    for button in ("#vote-a", "#vote-b", "#vote-tie", "#vote-bad"):
+        expect(page.locator(button)).to_be_disabled()
     assert len(store.votes(rater="browser-alice")) == 1
 
     # The leaderboard counts the vote.
@@ -114,9 +133,12 @@ def standalone_ui(serving_app, tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    database = tmp_path_factory.mktemp("standalone-ui") / "prefs.db"
+    folder = tmp_path_factory.mktemp("standalone-ui")
+    database = folder / "prefs.db"
+    (folder / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ROUND_PROMPTS) + "\n")
     process = subprocess.Popen([sys.executable, "-m", "ui.app", "--api-url", serving_app.api_url,
-                                "--database", f"sqlite:///{database}", "--port", str(port)])
+                                "--database", f"sqlite:///{database}", "--port", str(port),
+                                "--prompts", str(folder / "prompts.jsonl")])
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -176,7 +198,7 @@ def test_standalone_ui_ranks_three_answers_regenerates_and_rejects_bad_input(sta
     ranked = store.votes(rater="browser-bob")
     assert len(ranked) == 1 and ranked[0].ranking == [[2], [0, 1]]
     assert [c.content for c in ranked[0].candidates] == shown
-    assert sorted(c.model for c in ranked[0].candidates)[:2] == ["tiny", "tiny"]  # 3 answers from 2 models
+    assert {c.model for c in ranked[0].candidates} == {"tiny", "tiny-2"}  # 3 answers from 2 models
 
     # Regenerate the same prompt, flag it and call every answer bad.
     page.locator("#compare-regenerate").click()
@@ -190,3 +212,36 @@ def test_standalone_ui_ranks_three_answers_regenerates_and_rejects_bad_input(sta
     assert bad.outcome == "not_rankable" and bad.ranking == []
     assert bad.flags == ["off topic", "regenerated"]
     assert [m.model_dump() for m in bad.messages] == [{"role": "user", "content": "Name three rivers."}]
+
+
+def test_rounds_with_prompts_from_the_set_and_keyboard_votes(standalone_ui, page):
+    """Two arena rounds driven by the keyboard: N draws a prompt from the operator's set and a fresh pair of
+    different models, votes wait until both answers are done, A / B vote; the leaderboard rates both models."""
+    from playwright.sync_api import expect
+
+    from ui.store import PreferenceStore
+
+    expect.set_options(timeout=WAIT_MS)
+    base_url, database_url = standalone_ui
+    page.goto(f"{base_url}/ui/?rater=keyboard-kim")
+    expect(page.locator("#api-status")).to_contain_text("2 model(s)")
+    store = PreferenceStore(database_url, create=False)
+    page.get_by_role("tab", name="Compare").click()
+    status = page.locator("#compare-status")
+    prompts = []
+    for key in ("a", "b"):
+        page.locator("body").press("n")
+        expect(status).to_contain_text("Which answer is better")
+        prompt = page.locator("#compare-prompt textarea").input_value()
+        assert prompt in ROUND_PROMPTS and prompt not in prompts  # every prompt of the set before repeats
+        prompts.append(prompt)
+        page.locator("body").press(key)
+        expect(status).to_contain_text("vote saved")
+        expect(page.locator("#vote-a")).to_be_disabled()
+    votes = store.votes(rater="keyboard-kim")
+    assert [v.ranking for v in votes] == [[[0], [1]], [[1], [0]]]
+    assert [v.messages[-1].content for v in votes] == prompts
+    assert all({c.model for c in v.candidates} == {"tiny", "tiny-2"} for v in votes)  # two different models
+    page.get_by_role("tab", name="Leaderboard").click()
+    expect(page.locator("#leaderboard-summary")).to_contain_text("2 model(s) rated")
+    expect(page.locator("#leaderboard-plot")).to_be_visible()

@@ -7,20 +7,74 @@ from collections import Counter
 import pytest
 
 from ui.client import Sampling
-from ui.compare import (Comparison, ShownAnswer, build_vote, parse_ranking, plan_models, reveal,
-                        verdict_ranking)
+from ui.compare import (Comparison, ShownAnswer, build_vote, parse_ranking, plan_round, rater_message, reveal,
+                        single_model_notice, verdict_ranking)
 from ui.store import InvalidVoteError
 
 
-def test_plan_uses_each_model_in_turn_in_a_random_order():
-    assert Counter(plan_models(["a", "b"], 4, random.Random(0))) == {"a": 2, "b": 2}
-    assert plan_models(["a"], 2, random.Random(0)) == ["a", "a"]  # two samples of one model
-    orders = {tuple(plan_models(["a", "b"], 2, random.Random(seed))) for seed in range(20)}
+def test_rounds_favour_under_compared_models_in_a_random_order():
+    counts = {"a": 10, "b": 0, "c": 1, "d": 7}
+    assert sorted(plan_round(["a", "b", "c", "d"], 2, counts, random.Random(0))) == ["b", "c"]
+    assert Counter(plan_round(["a", "b"], 4, {}, random.Random(0))) == {"a": 2, "b": 2}
+    assert plan_round(["a"], 2, {}, random.Random(0)) == ["a", "a"]  # two samples of one model
+    orders = {tuple(plan_round(["a", "b"], 2, {}, random.Random(seed))) for seed in range(20)}
     assert orders == {("a", "b"), ("b", "a")}  # position says nothing about the model
-    with pytest.raises(ValueError, match="at least one model"):
-        plan_models([], 2, random.Random(0))
+    # over many rounds every model gets its share, whatever it started with
+    counts, rng = {"a": 5, "b": 0, "c": 0}, random.Random(1)
+    for _ in range(30):
+        for model in set(plan_round(list(counts), 2, counts, rng)):
+            counts[model] += 1
+    assert max(counts.values()) - min(counts.values()) <= 1
+    with pytest.raises(ValueError, match="no model"):
+        plan_round([], 2, {}, random.Random(0))
     with pytest.raises(ValueError, match="between 2 and 4"):
-        plan_models(["a"], 5, random.Random(0))
+        plan_round(["a"], 5, {}, random.Random(0))
+
+
+def test_single_model_and_rater_worded_errors():
+    from ui.client import ApiError
+
+    assert single_model_notice(["a", "b"]) == ""
+    assert "Only one model" in single_model_notice(["tiny", "tiny"]) and "`tiny`" in single_model_notice(["tiny"])
+    with pytest.raises(InvalidVoteError) as err:
+        build_vote(comparison(), "", "ranked", [[0], [1]], [])
+    assert rater_message(err.value) == "enter a rater id (your name) in the box at the top before voting"
+    assert "too long" in rater_message(ApiError("HTTP 400: ...", 400, "context_length_exceeded"))
+    assert "Regenerate" in rater_message(ApiError("HTTP 500: ...", 500, "generation_failed"))
+    assert "cannot be reached" in rater_message(ApiError("cannot reach http://x: ConnectError"))
+    assert "wait a minute" in rater_message(ApiError("HTTP 429: ...", 429, "rate_limit_exceeded"))
+
+
+def test_chat_drops_the_oldest_turns_first():
+    from ui.chat import drop_oldest_turn
+
+    system = {"role": "system", "content": "s"}
+    turns = [system, {"role": "user", "content": "1"}, {"role": "assistant", "content": "r1"},
+             {"role": "user", "content": "2"}, {"role": "assistant", "content": "r2"}, {"role": "user", "content": "3"}]
+    once = drop_oldest_turn(turns)
+    assert once == [system, *turns[3:]]
+    assert drop_oldest_turn(once) == [system, turns[-1]]
+    assert drop_oldest_turn([system, turns[-1]]) is None and drop_oldest_turn([turns[-1]]) is None
+
+
+def test_prompt_sets_load_every_format_and_name_bad_lines(tmp_path):
+    from ui.prompts import PromptDeck, load_prompt_set
+
+    (tmp_path / "p.txt").write_text("What is a river?\n\nName a colour.\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n{"question": "Why?"}\n'
+                                      '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", '
+                                      '"content": "A"}]}\n')
+    assert [p[-1]["content"] for p in load_prompt_set(tmp_path / "p.txt")] == ["What is a river?", "Name a colour."]
+    loaded = load_prompt_set(tmp_path / "p.jsonl")
+    assert [p[-1]["content"] for p in loaded] == ["Hi", "Why?", "Q"] and len(loaded[2]) == 1
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"nothing": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        load_prompt_set(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="no such file"):
+        load_prompt_set(tmp_path / "missing.txt")
+    deck = PromptDeck(loaded, random.Random(0))
+    drawn = [deck.draw()[-1]["content"] for _ in range(6)]
+    assert sorted(drawn[:3]) == sorted(drawn[3:]) == ["Hi", "Q", "Why?"]  # all before any repeats
 
 
 @pytest.mark.parametrize("text, n, expected", [

@@ -68,6 +68,15 @@ def test_reads_filter_by_rater_and_get_by_uid(tmp_path):
     assert [v.uid for v in store.iter_votes(batch_size=2)] == ids
 
 
+def test_comparison_counts_count_votes_between_different_models(tmp_path):
+    with PreferenceStore(f"sqlite:///{tmp_path / 'prefs.db'}") as store:
+        store.add_vote(a_vote())  # base vs sft
+        store.add_vote(a_vote(candidates=[dict(a_vote()["candidates"][0], model="sft"), a_vote()["candidates"][1]]))
+        store.add_vote(a_vote(candidates=[*a_vote()["candidates"], dict(a_vote()["candidates"][0], model="ppo")],
+                              ranking=[[2], [0, 1]]))
+        assert store.comparison_counts() == {"base": 2, "sft": 2, "ppo": 1}  # sft vs sft says nothing
+
+
 def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path):
     path = tmp_path / "prefs.db"
     store = PreferenceStore(f"sqlite:///{path}")

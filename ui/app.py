@@ -23,9 +23,11 @@ import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
+from ui.chat import drop_oldest_turn
 from ui.client import ApiError, Completion, OpenAIClient, Sampling
-from ui.compare import (LETTERS, MAX_ANSWERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_models,
-                        reveal, verdict_ranking)
+from ui.compare import (LETTERS, MAX_ANSWERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_round,
+                        rater_message, reveal, single_model_notice, verdict_ranking)
+from ui.prompts import PromptDeck, load_prompt_set
 from ui.ratings import LEADERBOARD_HEADERS, compute_ratings, leaderboard_png, leaderboard_rows
 from ui.store import InvalidVoteError, PreferenceStore
 
@@ -60,7 +62,26 @@ def _sampling(temperature: float | None, top_p: float | None, top_k: float | Non
 
 
 def _error_line(err: Exception) -> str:
-    return f"⚠️ {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return f"⚠️ {rater_message(err)}"
+
+
+VOTE_IDS = ("vote-a", "vote-b", "vote-tie", "vote-bad", "vote-rank")
+KEYBOARD_SHORTCUTS = """
+<script>
+// Votes and rounds from the keyboard (A / 1, B / 2, T, X, N), except while typing in a field.
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  if (event.target.closest && event.target.closest("input, textarea, select, [contenteditable=true]")) return;
+  const target = {a: "vote-a", "1": "vote-a", b: "vote-b", "2": "vote-b", t: "vote-tie", x: "vote-bad",
+                  n: "compare-next"}[event.key.toLowerCase()];
+  const button = target && document.getElementById(target);
+  if (button && button.offsetParent !== null && !button.disabled) {
+    event.preventDefault();
+    button.click();
+  }
+});
+</script>
+"""
 
 
 async def _stream_answers(client: OpenAIClient, comparison: Comparison,
@@ -75,7 +96,7 @@ async def _stream_answers(client: OpenAIClient, comparison: Comparison,
                 answer.content, answer.finish_reason = partial.text, partial.finish_reason
                 await updates.put(False)
         except ApiError as err:
-            answer.error, answer.finish_reason = str(err), "error"
+            answer.error, answer.finish_reason = rater_message(err), "error"
         finally:
             await updates.put(True)
 
@@ -90,7 +111,8 @@ async def _stream_answers(client: OpenAIClient, comparison: Comparison,
             task.cancel()
 
 
-def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = None) -> gr.Blocks:
+def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = None,
+                 prompts: PromptDeck | None = None) -> gr.Blocks:
     client = OpenAIClient(api_url, api_key)
 
     # ---- callbacks -------------------------------------------------------------------------------------
@@ -108,8 +130,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         names = [m.id for m in models]
         versions = {m.id: m.version for m in models}
         chat_model = gr.update(choices=names, value=names[0] if names else None)
-        compare = gr.update(choices=names, value=names[:2])
-        return rater, chat_model, compare, versions, status
+        compare = gr.update(choices=names, value=names)
+        return rater, chat_model, compare, versions, status, single_model_notice(names)
 
     async def chat(message: str, conversation: list[dict[str, str]], model: str | None,
                    temperature: float, top_p: float, top_k: float, max_tokens: float):
@@ -120,66 +142,103 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             yield gr.update(), conversation, gr.update(), "⚠️ choose a model"
             return
         turns = [*conversation, {"role": "user", "content": message}]
+        sent, dropped = turns, 0
         sampling = _sampling(temperature, top_p, top_k, max_tokens)
         answer = Completion(model=model)
-        try:
-            async for answer in client.stream_chat(model, turns, sampling):
-                yield [*turns, {"role": "assistant", "content": answer.text}], conversation, "", ""
-        except ApiError as err:
-            yield turns, conversation, message, _error_line(err)
-            return
+        while True:
+            try:
+                async for answer in client.stream_chat(model, sent, sampling):
+                    yield [*turns, {"role": "assistant", "content": answer.text}], conversation, "", ""
+                break
+            except ApiError as err:
+                shorter = drop_oldest_turn(sent) if err.code == "context_length_exceeded" else None
+                if shorter is None:
+                    yield turns, conversation, message, _error_line(err)
+                    return
+                dropped += len(sent) - len(shorter)
+                sent = shorter
         done = [*turns, {"role": "assistant", "content": answer.text}]
-        yield done, done, "", f"`{model}` finished: {answer.finish_reason}"
+        note = (f" — the conversation outgrew `{model}`'s context, so its {dropped} earliest message(s) were left "
+                "out of this request" if dropped else "")
+        turn = sum(m["role"] == "user" for m in done)
+        yield done, done, "", f"`{model}` finished turn {turn}: {answer.finish_reason}{note}"
 
     def clear_chat():
         return [], [], ""
 
-    async def generate(prompt: str, system: str, models: list[str] | None, n_answers: float,
-                       versions: dict[str, str], temperature: float, top_p: float, top_k: float,
-                       max_tokens: float, previous: Comparison | None = None):
-        """Start a comparison (or, with ``previous``, sample its prompt again) and stream the answers."""
-        hidden = [gr.update(value="", label=f"Answer {LETTERS[i]}", visible=i < int(n_answers))
-                  for i in range(MAX_ANSWERS)]
-        if previous is not None:
-            messages = previous.messages
-        else:
-            if not (prompt or "").strip():
-                yield None, "⚠️ type a prompt first", *hidden
-                return
-            messages = [{"role": "system", "content": system}] if (system or "").strip() else []
-            messages.append({"role": "user", "content": prompt})
-        sampling = _sampling(temperature, top_p, top_k, max_tokens)
-        try:
-            planned = plan_models(list(models or []), int(n_answers), random.Random())
-        except ValueError as err:
-            yield previous, _error_line(err), *hidden
-            return
-        regenerations = previous.regenerations + 1 if previous else 0
+    vote_buttons_off = [gr.update(interactive=False)] * len(VOTE_IDS)
+    vote_buttons_on = [gr.update(interactive=True)] * len(VOTE_IDS)
+
+    def blank_answers(count: int) -> list[Any]:
+        return [gr.update(value="", label=f"Answer {LETTERS[i]}", visible=i < count) for i in range(MAX_ANSWERS)]
+
+    async def run_round(messages: list[dict[str, str]], planned: list[str], versions: dict[str, str],
+                        sampling: Sampling, regenerations: int, prompt_box: Any):
+        """Stream a round's answers; vote buttons stay off until every answer has finished."""
         comparison = Comparison(messages=messages, regenerations=regenerations,
                                 answers=[ShownAnswer(model=m, version=(versions or {}).get(m, ""),
-                                                     sampling=sampling.record())
-                                         for m in planned])
+                                                     sampling=sampling.record()) for m in planned])
 
         def boxes() -> list[Any]:
-            shown = [gr.update(value=_error_line(ApiError(a.error)) if a.error else a.content,
-                               label=f"Answer {LETTERS[i]}", visible=True)
-                     for i, a in enumerate(comparison.answers)]
+            shown = [gr.update(value=f"⚠️ {a.error}" if a.error else a.content, label=f"Answer {LETTERS[i]}",
+                               visible=True) for i, a in enumerate(comparison.answers)]
             return shown + [gr.update(value="", visible=False)] * (MAX_ANSWERS - len(shown))
 
-        yield comparison, "generating…", *boxes()
+        yield comparison, "generating…", prompt_box, *boxes(), *vote_buttons_off
         async for _ in _stream_answers(client, comparison, sampling):
-            yield comparison, "generating…", *boxes()
-        status = ("⚠️ an answer failed: regenerate" if comparison.failed
-                  else "Which answer is better? The models are revealed after your vote.")
-        yield comparison, status, *boxes()
-
-    async def regenerate(comparison: Comparison | None, models, n_answers, versions,
-                         temperature, top_p, top_k, max_tokens):
-        if comparison is None:
-            yield None, "⚠️ nothing to regenerate: generate first", *[gr.update()] * MAX_ANSWERS
+            yield comparison, "generating…", gr.update(), *boxes(), *vote_buttons_off
+        if comparison.failed:
+            yield comparison, "⚠️ an answer failed: press Regenerate", gr.update(), *boxes(), *vote_buttons_off
             return
-        async for update in generate("", "", models, n_answers, versions, temperature, top_p, top_k,
-                                     max_tokens, previous=comparison):
+        notice = single_model_notice([a.model for a in comparison.answers])
+        status = "Which answer is better? The models are revealed after your vote."
+        yield (comparison, f"{status}\n\n{notice}" if notice else status, gr.update(), *boxes(),
+               *vote_buttons_on)
+
+    async def new_round(draw: bool, prompt: str, system: str, models: list[str] | None, n_answers: float,
+                        versions: dict[str, str], temperature: float, top_p: float, top_k: float,
+                        max_tokens: float):
+        """A round: the typed prompt (or, with ``draw``, one from the prompt set) and a fresh anonymous set
+        of models, under-compared models first."""
+        keep = gr.update()
+        if draw and prompts is not None:
+            messages = prompts.draw()
+            prompt_box = gr.update(value=messages[-1]["content"])
+        else:
+            if not (prompt or "").strip():
+                hint = "type a prompt first" if not draw else "type a prompt (no prompt set is loaded)"
+                yield None, f"⚠️ {hint}", keep, *blank_answers(int(n_answers)), *vote_buttons_off
+                return
+            messages, prompt_box = [{"role": "user", "content": prompt}], keep
+        if (system or "").strip() and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        try:
+            planned = plan_round(list(models or []), int(n_answers), store.comparison_counts(), random.Random())
+        except ValueError as err:
+            yield None, _error_line(err), keep, *blank_answers(int(n_answers)), *vote_buttons_off
+            return
+        async for update in run_round(messages, planned, versions, _sampling(temperature, top_p, top_k, max_tokens),
+                                      0, prompt_box):
+            yield update
+
+    async def typed_round(*args):
+        async for update in new_round(False, *args):
+            yield update
+
+    async def drawn_round(*args):
+        async for update in new_round(True, *args):
+            yield update
+
+    async def regenerate(comparison: Comparison | None, versions, temperature, top_p, top_k, max_tokens):
+        if comparison is None:
+            yield None, "⚠️ nothing to regenerate: start a round first", gr.update(), \
+                *[gr.update()] * MAX_ANSWERS, *vote_buttons_off
+            return
+        planned = [a.model for a in comparison.answers]
+        random.shuffle(planned)
+        async for update in run_round(comparison.messages, planned, versions,
+                                      _sampling(temperature, top_p, top_k, max_tokens),
+                                      comparison.regenerations + 1, gr.update()):
             yield update
 
     def record(comparison: Comparison | None, rater: str, flags: list[str], outcome: str,
@@ -190,27 +249,33 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         labels = [gr.update(label=f"Answer {LETTERS[i]} — {a.model}")
                   for i, a in enumerate(comparison.answers)]
         labels += [gr.update()] * (MAX_ANSWERS - len(labels))
-        return comparison, f"✅ vote saved (`{stored.uid[:8]}`)\n\n{reveal(comparison)}", *labels
+        notice = single_model_notice([a.model for a in comparison.answers])
+        return (comparison, f"✅ vote saved (`{stored.uid[:8]}`)\n\n{reveal(comparison)}\n\n"
+                f"{notice + chr(10) * 2 if notice else ''}Press Next round (N) for another.",
+                gr.update(), *labels, *vote_buttons_off)
+
+    def refused(comparison, err: Exception):
+        return comparison, _error_line(err), gr.update(), *[gr.update()] * MAX_ANSWERS, *[gr.update()] * len(VOTE_IDS)
 
     def vote(verdict: str):
         def handler(comparison: Comparison | None, rater: str, flags: list[str]):
             try:
                 if comparison is None:
-                    raise ValueError("generate answers first")
+                    raise ValueError("start a round first: press Next round, or type a prompt and press Generate")
                 outcome, ranking = verdict_ranking(verdict, len(comparison.answers))
                 return record(comparison, rater, flags, outcome, ranking)
             except (ValueError, InvalidVoteError) as err:
-                return comparison, _error_line(err), *[gr.update()] * MAX_ANSWERS
+                return refused(comparison, err)
         return handler
 
     def vote_ranking(comparison: Comparison | None, rater: str, flags: list[str], ranking_text: str):
         try:
             if comparison is None:
-                raise ValueError("generate answers first")
+                raise ValueError("start a round first: press Next round, or type a prompt and press Generate")
             ranking = parse_ranking(ranking_text, len(comparison.answers))
             return record(comparison, rater, flags, "ranked", ranking)
         except (ValueError, InvalidVoteError) as err:
-            return comparison, _error_line(err), *[gr.update()] * MAX_ANSWERS
+            return refused(comparison, err)
 
     def leaderboard():
         from PIL import Image
@@ -218,9 +283,14 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         votes = store.votes()
         board = compute_ratings(votes, bootstrap=LEADERBOARD_BOOTSTRAP, seed=0)
         raters = len({v.rater for v in votes})
+        if not board:
+            why = ("Ratings need votes that compare answers of two different models; "
+                   + (f"the {len(votes)} vote(s) so far compared samples of one model or called every answer bad."
+                      if votes else "there are no votes yet."))
+            return gr.update(value=[]), gr.update(value=None, visible=False), f"No model is rated yet. {why}"
         summary = f"{len(votes)} vote(s) from {raters} rater(s); {len(board)} model(s) rated."
-        image = Image.open(io.BytesIO(leaderboard_png(board))) if board else None
-        return leaderboard_rows(board), image, summary
+        image = Image.open(io.BytesIO(leaderboard_png(board)))
+        return leaderboard_rows(board), gr.update(value=image, visible=True), summary
 
     # ---- layout --------------------------------------------------------------------------------------------
     with gr.Blocks(title="groundup — chat, compare, rate") as blocks:
@@ -238,7 +308,8 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
                 chat_model = gr.Dropdown(label="model", choices=[], elem_id="chat-model", scale=3)
                 refresh = gr.Button("refresh models", elem_id="refresh-models", scale=0)
             chat_controls = _sampling_controls("chat")
-            chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=420)
+            # Model output is shown as plain text: no Markdown headings or links from an untrained model.
+            chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=420, render_markdown=False)
             with gr.Row():
                 chat_input = gr.Textbox(label="message", placeholder="Say something…", elem_id="chat-input",
                                         scale=4)
@@ -247,31 +318,35 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             chat_status = gr.Markdown("", elem_id="chat-status")
 
         with gr.Tab("Compare", elem_id="tab-compare"):
+            compare_notice = gr.Markdown("", elem_id="compare-notice")
             with gr.Row():
-                compare_models = gr.Dropdown(label="models (one model twice = two samples of it)", choices=[],
-                                             multiselect=True, elem_id="compare-models", scale=3)
+                compare_models = gr.Dropdown(label="models in the rounds (pairs favour the least compared)",
+                                             choices=[], multiselect=True, elem_id="compare-models", scale=3)
                 n_answers = gr.Slider(2, MAX_ANSWERS, value=2, step=1, label="answers", elem_id="compare-n",
                                       scale=1)
             with gr.Accordion("system prompt and sampling", open=False):
                 system = gr.Textbox(label="system prompt (optional)", elem_id="compare-system")
                 compare_controls = _sampling_controls("compare")
-            prompt = gr.Textbox(label="prompt", lines=3, elem_id="compare-prompt")
+            prompt_help = ("prompt: type one and press Generate" +
+                           (", or press Next round to draw one from the prompt set" if prompts else ""))
+            prompt = gr.Textbox(label=prompt_help, lines=3, elem_id="compare-prompt")
             with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary", elem_id="compare-generate")
+                next_button = gr.Button("Next round  [N]", variant="primary", elem_id="compare-next")
+                generate_button = gr.Button("Generate", elem_id="compare-generate")
                 regenerate_button = gr.Button("Regenerate", elem_id="compare-regenerate")
             with gr.Row(equal_height=True):
                 answers = [gr.Textbox(label=f"Answer {LETTERS[i]}", lines=10, max_lines=30, interactive=False,
                                       visible=i < 2, elem_id=f"compare-answer-{LETTERS[i].lower()}")
                            for i in range(MAX_ANSWERS)]
             with gr.Row():
-                vote_a = gr.Button("A is better", elem_id="vote-a")
-                vote_b = gr.Button("B is better", elem_id="vote-b")
-                vote_tie = gr.Button("Tie", elem_id="vote-tie")
-                vote_bad = gr.Button("All bad", elem_id="vote-bad")
+                vote_a = gr.Button("A is better  [A]", elem_id="vote-a", interactive=False)
+                vote_b = gr.Button("B is better  [B]", elem_id="vote-b", interactive=False)
+                vote_tie = gr.Button("Tie  [T]", elem_id="vote-tie", interactive=False)
+                vote_bad = gr.Button("All bad  [X]", elem_id="vote-bad", interactive=False)
             with gr.Row():
                 ranking_text = gr.Textbox(label="or rank them (more than two answers): e.g. B > A = C",
                                           elem_id="compare-ranking", scale=3)
-                vote_rank = gr.Button("Submit ranking", elem_id="vote-rank", scale=1)
+                vote_rank = gr.Button("Submit ranking", elem_id="vote-rank", scale=1, interactive=False)
             flags = gr.CheckboxGroup(FLAG_CHOICES, label="flags (optional)", elem_id="compare-flags")
             compare_status = gr.Markdown("", elem_id="compare-status")
 
@@ -281,10 +356,10 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             board_table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False,
                                        elem_id="leaderboard-table")
             board_plot = gr.Image(label="ratings with 95% bootstrap intervals", type="pil", interactive=False,
-                                  elem_id="leaderboard-plot")
+                                  elem_id="leaderboard-plot", visible=False)
 
         # ---- events ------------------------------------------------------------------------------------
-        model_outputs = [rater, chat_model, compare_models, versions, api_status]
+        model_outputs = [rater, chat_model, compare_models, versions, api_status, compare_notice]
         blocks.load(load_models, None, model_outputs)
         refresh.click(load_models, None, model_outputs)
 
@@ -294,11 +369,12 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         chat_input.submit(chat, chat_inputs, chat_outputs)
         clear.click(clear_chat, None, [chatbot, conversation, chat_status])
 
-        compare_outputs = [comparison, compare_status, *answers]
-        generate_button.click(generate, [prompt, system, compare_models, n_answers, versions,
-                                         *compare_controls], compare_outputs)
-        regenerate_button.click(regenerate, [comparison, compare_models, n_answers, versions,
-                                             *compare_controls], compare_outputs)
+        vote_controls = [vote_a, vote_b, vote_tie, vote_bad, vote_rank]
+        compare_outputs = [comparison, compare_status, prompt, *answers, *vote_controls]
+        round_inputs = [prompt, system, compare_models, n_answers, versions, *compare_controls]
+        next_button.click(drawn_round, round_inputs, compare_outputs)
+        generate_button.click(typed_round, round_inputs, compare_outputs)
+        regenerate_button.click(regenerate, [comparison, versions, *compare_controls], compare_outputs)
         for button, verdict in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "bad")):
             button.click(vote(verdict), [comparison, rater, flags], compare_outputs)
         vote_rank.click(vote_ranking, [comparison, rater, flags, ranking_text], compare_outputs)
@@ -311,16 +387,19 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
     return blocks
 
 
-def build_app(api_url: str, database_url: str, api_key: str | None = None, path: str = UI_PATH) -> FastAPI:
-    """A FastAPI app with the UI mounted at ``path``: what a Serve replica or uvicorn runs."""
+def build_app(api_url: str, database_url: str, api_key: str | None = None, path: str = UI_PATH,
+              prompts: str | None = None) -> FastAPI:
+    """A FastAPI app with the UI mounted at ``path``: what a Serve replica or uvicorn runs. ``prompts``: a
+    prompt set file the rounds draw from (see :mod:`ui.prompts`)."""
     store = PreferenceStore(database_url)
+    deck = PromptDeck(load_prompt_set(prompts)) if prompts else None
     app = FastAPI(title="groundup UI")
 
     @app.get("/", include_in_schema=False)
     def to_ui() -> RedirectResponse:
         return RedirectResponse(url=f"{path}/")
 
-    return gr.mount_gradio_app(app, build_blocks(api_url, store, api_key), path=path)
+    return gr.mount_gradio_app(app, build_blocks(api_url, store, api_key, deck), path=path, head=KEYBOARD_SHORTCUTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="SQLAlchemy URL or SQLite file")
     parser.add_argument("--api-key", default=os.environ.get("GROUNDUP_API_KEY"),
                         help="Bearer key for the API (default: $GROUNDUP_API_KEY)")
+    parser.add_argument("--prompts", default=None, help="a prompt set for the rounds (.txt or .jsonl)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
@@ -341,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.config import ConfigError
 
     try:
-        app = build_app(args.api_url, args.database, args.api_key)
-    except ConfigError as err:
+        app = build_app(args.api_url, args.database, args.api_key, prompts=args.prompts)
+    except (ConfigError, ValueError) as err:
         print(f"python -m ui.app: error: {err}", file=sys.stderr)
         return 2
     print(f"rating UI at http://{args.host}:{args.port}{UI_PATH}/ (models from {args.api_url})", flush=True)

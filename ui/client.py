@@ -16,7 +16,12 @@ READ_TIMEOUT_S = 300.0  # a long answer from a busy CPU replica can take minutes
 
 
 class ApiError(RuntimeError):
-    """The endpoint refused or failed a request; the message is one line for the UI to show."""
+    """The endpoint refused or failed a request. The message is one line; ``status`` is the HTTP status
+    (None when the server could not be reached) and ``code`` the error's code, if it sent one."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,16 @@ def _version_of(card: dict[str, Any]) -> str:
     return ""
 
 
-def _error_message(response: httpx.Response) -> str:
+def _api_error(response: httpx.Response) -> ApiError:
+    message = code = None
     try:
         body = response.json()
-        message = body.get("error", {}).get("message") or body.get("detail")
+        error = body.get("error") or {}
+        message, code = error.get("message") or body.get("detail"), error.get("code")
     except (ValueError, AttributeError):
-        message = None
-    return f"HTTP {response.status_code}: {message or response.text[:200] or response.reason_phrase}"
+        pass
+    return ApiError(f"HTTP {response.status_code}: {message or response.text[:200] or response.reason_phrase}",
+                    response.status_code, code)
 
 
 class OpenAIClient:
@@ -103,7 +111,7 @@ class OpenAIClient:
     @staticmethod
     def _models_from(response: httpx.Response) -> list[ModelInfo]:
         if response.status_code != 200:
-            raise ApiError(_error_message(response))
+            raise _api_error(response)
         cards = response.json().get("data", [])
         return [ModelInfo(id=c["id"], version=_version_of(c), max_context=c.get("max_model_len"))
                 for c in cards]
@@ -118,7 +126,7 @@ class OpenAIClient:
                 async with client.stream("POST", "/chat/completions", json=body) as response:
                     if response.status_code != 200:
                         await response.aread()
-                        raise ApiError(_error_message(response))
+                        raise _api_error(response)
                     async for line in response.aiter_lines():
                         if not line.startswith("data:"):
                             continue
@@ -127,7 +135,8 @@ class OpenAIClient:
                             break
                         chunk = json.loads(payload)
                         if "error" in chunk:  # a failure after the stream started is reported in-band
-                            raise ApiError(chunk["error"].get("message", "generation failed"))
+                            error = chunk["error"] or {}
+                            raise ApiError(error.get("message", "generation failed"), 500, error.get("code"))
                         if chunk.get("system_fingerprint") and not answer.version:
                             answer.version = str(chunk["system_fingerprint"])
                         for choice in chunk.get("choices", []):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ui.store import VoteIn, check_ranking
+from ui.client import ApiError
+from ui.store import InvalidVoteError, VoteIn, check_ranking
 
 MAX_ANSWERS = 4
 LETTERS = string.ascii_uppercase[:MAX_ANSWERS]
@@ -47,16 +48,51 @@ class Comparison:
         return any(a.error for a in self.answers)
 
 
-def plan_models(models: list[str], n_answers: int, rng: random.Random) -> list[str]:
-    """Which model writes each shown answer: the chosen models in turn (one model twice gives two
-    samples of it), then shuffled so the position says nothing about the model."""
+def plan_round(models: list[str], n_answers: int, comparisons: dict[str, int], rng: random.Random) -> list[str]:
+    """Which model writes each answer of a round: different models while there are enough, those compared
+    least so far first (ties at random), so under-compared models get more comparisons; in a random order.
+    ``comparisons``: per model, the votes that compared it with another model."""
     if not models:
-        raise ValueError("choose at least one model to compare")
+        raise ValueError("no model to compare: the server lists none")
     if not 2 <= n_answers <= MAX_ANSWERS:
         raise ValueError(f"number of answers must be between 2 and {MAX_ANSWERS}")
-    planned = [models[i % len(models)] for i in range(n_answers)]
+    pool = sorted(set(models), key=lambda m: (comparisons.get(m, 0), rng.random()))
+    planned = [pool[i % len(pool)] for i in range(n_answers)]  # fewer models than answers: samples of one
     rng.shuffle(planned)
     return planned
+
+
+def single_model_notice(models: list[str]) -> str:
+    """What a rater should know when fewer than two models take part (empty when two or more do)."""
+    distinct = sorted(set(models))
+    if len(distinct) >= 2:
+        return ""
+    if not distinct:
+        return "No model is available to compare."
+    return (f"Only one model takes part (`{distinct[0]}`): each round compares two samples of it. Votes are "
+            "stored, but rating models needs answers from two different models.")
+
+
+def rater_message(err: Exception) -> str:
+    """An error in the words of a rater, not a developer (one line)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, InvalidVoteError):
+        if "rater" in text:
+            return "enter a rater id (your name) in the box at the top before voting"
+        return "this vote could not be stored: " + text.removeprefix("invalid vote: ")
+    if isinstance(err, ApiError):
+        if err.status is None:
+            return "the models' server cannot be reached right now: try again, or tell the operator"
+        if err.code == "context_length_exceeded":
+            return "the prompt is too long for this model: shorten it"
+        if err.status == 429:
+            return "too many requests right now: wait a minute and try again"
+        if err.status == 401:
+            return "the app's API key was refused: tell the operator"
+        if err.status >= 500:
+            return "the model failed to answer: press Regenerate to try again"
+        return "the model could not answer this request: " + text.split(": ", 1)[-1]
+    return text
 
 
 def parse_ranking(text: str, n_answers: int) -> list[list[int]]:
@@ -89,7 +125,7 @@ def verdict_ranking(verdict: str, n_answers: int) -> tuple[str, list[list[int]]]
 def build_vote(comparison: Comparison, rater: str, outcome: str, ranking: list[list[int]],
                flags: list[str]) -> VoteIn:
     if comparison.vote_uid is not None:
-        raise ValueError("this comparison already has your vote; generate a new one")
+        raise ValueError("this comparison already has your vote: press Next round for a new one")
     if not comparison.complete:
         raise ValueError("wait until every answer has finished")
     if comparison.failed:

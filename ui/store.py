@@ -295,6 +295,15 @@ class PreferenceStore:
     def votes(self, rater: str | None = None) -> list[VoteRecord]:
         return list(self.iter_votes(rater))
 
+    def comparison_counts(self) -> dict[str, int]:
+        """Per model, the votes that compared its answer with another model's (what a round balances)."""
+        mixed = (select(CandidateRow.vote_id).group_by(CandidateRow.vote_id)
+                 .having(func.count(func.distinct(CandidateRow.model)) > 1))
+        query = (select(CandidateRow.model, func.count(func.distinct(CandidateRow.vote_id)))
+                 .where(CandidateRow.vote_id.in_(mixed)).group_by(CandidateRow.model))
+        with Session(self.engine) as session:
+            return {model: int(count) for model, count in session.execute(query)}
+
     def journal_mode(self) -> str:
         with self.engine.connect() as connection:
             return str(connection.execute(text("PRAGMA journal_mode")).scalar()).lower()
