@@ -18,6 +18,11 @@ WAIT_MS = 180_000  # untrained tiny models on a busy CPU: generous, and never as
 ROUND_PROMPTS = ["Name a river.", "What is a prime number?", "Describe the sea."]
 
 
+def as_shown(text: str) -> str:
+    """A textarea's value normalises line breaks (HTML: CR and CRLF become LF); the store keeps the model's own text."""
+    return re.sub(r"\r\n?", "\n", text)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
@@ -100,7 +105,7 @@ def test_chat_then_vote_in_compare_and_read_the_vote_back(ui, page):
     assert vote.uid.startswith(uid_prefix)
     assert vote.outcome == "ranked" and vote.ranking == [[0], [1]]
     assert [m.model_dump() for m in vote.messages] == [{"role": "user", "content": "Tell me a story."}]
-    assert [c.content for c in vote.candidates] == shown
+    assert [as_shown(c.content) for c in vote.candidates] == shown
     assert {c.model for c in vote.candidates} <= set(ui.models)
     assert all(c.finish_reason in ("stop", "length") for c in vote.candidates)
     assert all(c.sampling["max_tokens"] is None and c.sampling["temperature"] == 0.8 for c in vote.candidates)
@@ -197,7 +202,7 @@ def test_standalone_ui_ranks_three_answers_regenerates_and_rejects_bad_input(sta
     expect(status).to_contain_text("vote saved")
     ranked = store.votes(rater="browser-bob")
     assert len(ranked) == 1 and ranked[0].ranking == [[2], [0, 1]]
-    assert [c.content for c in ranked[0].candidates] == shown
+    assert [as_shown(c.content) for c in ranked[0].candidates] == shown
     assert {c.model for c in ranked[0].candidates} == {"tiny", "tiny-2"}  # 3 answers from 2 models
 
     # Regenerate the same prompt, flag it and call every answer bad.
