@@ -39,6 +39,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("quickstart", "pipelines.quickstart", "run every stage that exists on the built-in corpus"),
     Stage("data", "pipelines.data.stage", "clean, deduplicate and tokenize corpora (Ray Data)"),
     Stage("pretrain", "pipelines.pretrain", "pretrain the decoder on packed shards (Ray Train + DeepSpeed)"),
+    Stage("sft", "pipelines.sft", "supervised fine-tuning on conversations (Ray Train + DeepSpeed)"),
+    Stage("reward", "pipelines.reward", "train a reward model on preference pairs (Ray Train + DeepSpeed)"),
+    Stage("dpo", "pipelines.dpo", "direct preference optimisation against a frozen reference"),
     Stage("serve", "serving.app", "serve models behind an OpenAI-compatible API with the rating UI"),
     Stage("prefs export", "ui.export", "export stored votes as preference pairs for reward modelling"),
 )

@@ -43,13 +43,16 @@ class MetricsLogger:
     """Rank 0's sink for step and evaluation metrics."""
 
     def __init__(self, out_dir: Path, total_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, log_every: int, start_step: int, enabled: bool = True, prefix: str = "train"):
+                 peak_flops: float, log_every: int, start_step: int, enabled: bool = True, prefix: str = "train",
+                 progress_figures: tuple[str, ...] = ()):
         self.enabled = enabled
+        self.progress_figures = progress_figures
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.log_every, self.prefix = log_every, prefix
         self.start_step, self.started = start_step, time.perf_counter()
         self.step_seconds: list[float] = []
+        self.tokens_seen = 0  # tokens processed since this (re)start, for Tasks that count their own
         self.writer = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,14 +74,19 @@ class MetricsLogger:
                 if key not in ("step", "kind", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict[str, Any]:
-        """Record optimizer step ``step`` (1-based) that took ``seconds``."""
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float,
+             tokens: int | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """Record optimizer step ``step`` (1-based) that took ``seconds``. ``tokens``: the tokens the step
+        really processed, when a Task knows it (padded batches); else the plan's tokens per step."""
         self.step_seconds.append(seconds)
-        tokens_per_s = self.tokens_per_step / seconds
+        step_tokens = tokens if tokens is not None else self.tokens_per_step
+        self.tokens_seen += step_tokens
+        tokens_per_s = step_tokens / seconds
         model_flops = tokens_per_s * self.flops_per_token
         record = {"kind": "train", "step": step, "time": time.time(), "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
-                  "model_flops_per_s": model_flops, "mfu": model_flops / self.peak_flops if self.peak_flops else None}
+                  "grad_norm": grad_norm, "tokens": step * self.tokens_per_step if tokens is None else self.tokens_seen,
+                  "tokens_per_s": tokens_per_s, "model_flops_per_s": model_flops,
+                  "mfu": model_flops / self.peak_flops if self.peak_flops else None, **(metrics or {})}
         self._write(record)
         if self.enabled and (step % self.log_every == 0 or step == self.total_steps or step == self.start_step + 1):
             say(self.progress_line(record))
@@ -95,7 +103,8 @@ class MetricsLogger:
         pct = 100.0 * step / self.total_steps
         gnorm = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "-"
         mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "-"
-        return (f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%) | loss {record['loss']:.4f} | "
+        extra = "".join(f"{name} {record[name]:.4f} | " for name in self.progress_figures if name in record)
+        return (f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%) | loss {record['loss']:.4f} | {extra}"
                 f"lr {record['lr']:.2e} | gnorm {gnorm} | {format_rate(record['tokens_per_s'], 'tok/s')} | "
                 f"{format_rate(record['model_flops_per_s'], 'FLOP/s')} MFU {mfu} | "
                 f"elapsed {format_duration(time.perf_counter() - self.started)} ETA {format_duration(eta)}")
