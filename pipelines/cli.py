@@ -42,6 +42,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "pipelines.sft", "supervised fine-tuning on conversations (Ray Train + DeepSpeed)"),
     Stage("reward", "pipelines.reward", "train a reward model on preference pairs (Ray Train + DeepSpeed)"),
     Stage("dpo", "pipelines.dpo", "direct preference optimisation against a frozen reference"),
+    Stage("ppo", "pipelines.ppo", "PPO / GRPO / RLOO from a reward model and reward functions"),
     Stage("serve", "serving.app", "serve models behind an OpenAI-compatible API with the rating UI"),
     Stage("prefs export", "ui.export", "export stored votes as preference pairs for reward modelling"),
 )
@@ -99,7 +100,8 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     """
     stage = next(s for s in STAGES if s.command == command)
     module = importlib.import_module(stage.module)
-    parsed = stage_parser(stage, module).parse_args(list(argv))
+    # Intermixed: key=value overrides may come before and after flags (argparse would reject the later ones).
+    parsed = stage_parser(stage, module).parse_intermixed_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
     values = {f.dest: getattr(parsed, f.dest) for f in flags if getattr(parsed, f.dest) is not None}
     config = build_config(module.Config, parsed.config, parsed.overrides, values)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pipelines.cli import stage_main
-from pipelines.posttrain import (LoraSettings, ModelSource, PostTrainConfig, common_flags, epochs, plan_training,
-                                 resolve_model)
+from pipelines.posttrain import (LoraSettings, ModelSource, PostTrainConfig, add_reply_comparison, common_flags, epochs,
+                                 plan_training, resolve_model)
 from pipelines.preferences import PairBatch, PairBatches, prepare_pairs
 from pipelines.rundir import RunDir
 from pipelines.train.data import BatchOrder
@@ -149,7 +149,8 @@ def run(config: Config) -> dict[str, Any]:
                 "epochs": epochs(spec.plan, n_train)},
         summary_figures=("final_train_loss", "start_val_rewards/margins", "val_rewards/margins",
                          "val_rewards/accuracies"))
-    return run_training(job, started)
+    manifest = run_training(job, started)
+    return add_reply_comparison(config, STAGE, {"before": source.path}, manifest)
 
 
 if __name__ == "__main__":

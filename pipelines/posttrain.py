@@ -266,3 +266,42 @@ def describe_data(stage: str, examples: Examples, train_n: int, validation_n: in
 def epochs(plan, rows: int) -> float:
     return plan.total_steps * plan.global_batch_sequences / max(rows, 1)
 
+
+
+def compare_replies(models: dict[str, str | Path], questions: Sequence[str], max_new_tokens: int = 48,
+                    seed: int = 0, show: bool = True) -> list[dict[str, str]]:
+    """Each model's greedy reply to each question (repeatable), printed side by side."""
+    from model.checkpoint import load_model, load_tokenizer
+    from model.generate import SamplingParams, generate
+
+    replies: dict[str, list[str]] = {}
+    for name, directory in models.items():
+        model, tokenizer = load_model(directory), load_tokenizer(directory)
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True).ids
+                   for q in questions]
+        completions = generate(model, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                              seed=seed), tokenizer)
+        replies[name] = [c.text.strip() for c in completions]
+    rows = [{"question": q, **{name: replies[name][i] for name in models}} for i, q in enumerate(questions)]
+    if show:
+        width = max(len(name) for name in models)
+        for row in rows:
+            print(f"  ? {row['question']}")
+            for name in models:
+                print(f"    {name:>{width}}: {row[name]}")
+    return rows
+
+
+def add_reply_comparison(config: PostTrainConfig, stage: str, before: dict[str, str], manifest: dict[str, Any],
+                         questions: int = 5) -> dict[str, Any]:
+    """End of a chat stage: the starting model's and the trained model's replies to the same held-out
+    questions, printed and kept in the manifest."""
+    from pipelines.data.instructions import held_out_questions
+
+    run = RunDir(config.run)
+    print(f"{stage}: replies before and after, to questions about modules never seen in training", flush=True)
+    rows = compare_replies({**before, stage: local_copy(run.uri_of(stage, "model"))}, held_out_questions(questions),
+                           seed=config.seed)
+    manifest["outputs"]["replies"] = rows
+    run.write_manifest(stage, manifest)
+    return manifest

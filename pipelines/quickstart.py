@@ -56,34 +56,11 @@ def print_samples(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int
     return samples
 
 
-def print_replies(models: dict[str, Path], questions: list[str], max_new_tokens: int, seed: int) -> list[dict]:
-    """Each model's reply to each held-out question (greedy, so the comparison is repeatable)."""
-    from model.checkpoint import load_model, load_tokenizer
-    from model.generate import SamplingParams, generate
-
-    replies: dict[str, list[str]] = {}
-    for name, directory in models.items():
-        model, tokenizer = load_model(directory), load_tokenizer(directory)
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True).ids
-                   for q in questions]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-        replies[name] = [c.text.strip() for c in generate(model, prompts, params, tokenizer)]
-    print("quickstart: replies to questions about modules the SFT model never saw in training")
-    rows = []
-    for index, question in enumerate(questions):
-        print(f"  ? {question}")
-        row = {"question": question}
-        for name in models:
-            print(f"    {name:>5}: {replies[name][index]}")
-            row[name] = replies[name][index]
-        rows.append(row)
-    return rows
-
-
 def run(config: Config) -> dict:
     from pipelines.data import stage as data_stage
     from pipelines import pretrain, sft
     from pipelines.data.instructions import held_out_questions
+    from pipelines.posttrain import compare_replies
 
     started = time.time()
     print(f"quickstart: run directory {config.run}", flush=True)
@@ -109,8 +86,9 @@ def run(config: Config) -> dict:
     sft_manifest = sft.run(build_config(sft.Config, SFT_RECIPE, values=sft_values))
     sft_done = time.time()
     sft_dir = RunDir(config.run).uri_of("sft", sft_manifest["outputs"]["model"])
-    replies = print_replies({"base": local_copy(model_dir), "sft": local_copy(sft_dir)},
-                            held_out_questions(config.questions), config.sample_tokens, config.seed)
+    print("quickstart: replies to questions about modules the SFT model never saw in training")
+    replies = compare_replies({"base": local_copy(model_dir), "sft": local_copy(sft_dir)},
+                              held_out_questions(config.questions), config.sample_tokens, config.seed)
     figures = pretrain_manifest["figures"]
     manifest = new_manifest(
         "quickstart", config, started,

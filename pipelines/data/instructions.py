@@ -114,6 +114,12 @@ def held_out_questions(n: int) -> list[str]:
     return [item.question(_stable(item.name)) for item in items_of("validation")[:n]]
 
 
+def builtin_prompts(split: str) -> list[dict]:
+    """PPO prompts ``{"prompt": [user message]}``: one question per item of the split (validation ones
+    ask about modules the SFT model never saw)."""
+    return [{"prompt": [{"role": "user", "content": item.question(_stable(item.name))}]} for item in items_of(split)]
+
+
 # ---- the rule -------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def corpus_words() -> frozenset[str]:
@@ -151,6 +157,11 @@ def rule_score(reply: str, prompt: object = None) -> float:
 def rule_reward(prompts: Sequence[object], replies: Sequence[str]) -> list[float]:
     """The rule as a reward function (``reward.function=pipelines.data.instructions:rule_reward``)."""
     return [rule_score(reply) for reply in replies]
+
+
+def rule_fraction_reward(prompts: Sequence[object], replies: Sequence[str]) -> list[float]:
+    """A dense version of the rule: the share of its four parts each reply meets (0, 0.25, ..., 1)."""
+    return [sum(rule_checks(reply).values()) / 4 for reply in replies]
 
 
 # ---- rule-labelled preference pairs ---------------------------------------------------------------

@@ -54,7 +54,7 @@ def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -77,13 +77,13 @@ def _all_reduce_max(value: int, device: torch.device) -> int:
     return int(tensor[0])
 
 
-def _reduce_figures(figures: Figures, device: torch.device) -> dict[str, float]:
+def reduce_figures(figures: Figures, device: torch.device) -> dict[str, float]:
     """Sums and counts added over ranks (every rank must hold the same names), as means."""
     names = sorted(figures)
     if not names:
         return {}
     totals = torch.tensor([[figures[n][0], figures[n][1]] for n in names], dtype=torch.float64)
-    totals = _all_reduce_sum(totals.to(device)).cpu()
+    totals = all_reduce_sum(totals.to(device)).cpu()
     return {n: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan") for i, n in enumerate(names)}
 
 
@@ -110,14 +110,17 @@ def evaluate(ctx: StepContext, task: Task, rank: int, world: int, micro: int) ->
             else:
                 _add_figures(totals, {name: (0.0, 0.0) for name in figures})
     ctx.model.train()
-    return task.eval_summary(_reduce_figures(totals, ctx.device))
+    return task.eval_summary(reduce_figures(totals, ctx.device))
 
 
-def _frozen_engine(model: torch.nn.Module | None, spec: "LoopSpec", device: torch.device):
-    """A model used without gradients (DPO's reference). Under ZeRO-3 it is an optimizer-less DeepSpeed
-    engine, so its weights are sharded like the trained model's; otherwise a plain module on the device."""
+def _frozen_engine(model: Any, spec: "LoopSpec", device: torch.device):
+    """A model used without gradients (DPO's reference; a dict of them for PPO). Under ZeRO-3 it is an
+    optimizer-less DeepSpeed engine, so its weights are sharded like the trained model's; otherwise a
+    plain module on the device."""
     if model is None:
         return None
+    if isinstance(model, dict):
+        return {name: _frozen_engine(m, spec, device) for name, m in model.items()}
     for param in model.parameters():
         param.requires_grad_(False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.plan.precision, torch.float32)
@@ -142,7 +145,6 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def train_worker(spec: LoopSpec) -> None:
     """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -161,23 +163,20 @@ def train_worker(spec: LoopSpec) -> None:
         model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
         model.compile()  # nn.Module.compile: compiled in place, state_dict keys unchanged (no "_orig_mod.")
-    opt = config.optimizer
-    groups = task.param_groups(model, opt.weight_decay)
-    for group in groups:  # a group's own learning rate (e.g. a new head's) is a multiple of the peak
-        group["lr"] = opt.lr * group.pop("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    schedule = make_schedule(config.schedule, plan.total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=spec.deepspeed, dist_init_required=False,
-        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
-    ctx = StepContext(model=engine, frozen=_frozen_engine(task.build_frozen(), spec, device), device=device)
+    engine, scheduler = _trained_engine(model, task, spec, lr_scale=1.0)
+    extra = {name: _trained_engine(module, task, spec, lr_scale)[0]
+             for name, (module, lr_scale) in (task.build_trained() if hasattr(task, "build_trained") else {}).items()}
+    ctx = StepContext(model=engine, frozen=_frozen_engine(task.build_frozen(), spec, device), device=device,
+                      trained=extra, rank=rank, world=world, zero_stage=config.zero.stage)
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_training_state(engine, Path(directory), rank)
+            state = load_training_state(engine, Path(directory), rank, extra)
         start_step = state["step"]
+        if hasattr(task, "restore") and "task" in state:
+            task.restore(state["task"])
         if rank == 0:
             say(f"[{task.name}] restored step {start_step} from checkpoint {checkpoint.path}")
 
@@ -201,10 +200,18 @@ def train_worker(spec: LoopSpec) -> None:
         _maybe_inject_fault(spec, step + 1, rank)
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
+        if hasattr(task, "train_step"):  # the Task drives its own step (PPO)
+            result = task.train_step(ctx, step)
+            step += 1
+            norm = engine.get_global_grad_norm()
+            last_train = logger.step(step, result.loss, lr, None if norm is None else float(norm),
+                                     time.perf_counter() - started, tokens=result.tokens, metrics=result.metrics)
+            last_eval = _after_step(ctx, task, spec, logger, step, stop_at, last_train, last_eval)
+            continue
         batches = task.train_micro_batches(step, rank, world, plan.micro_batch_size)
         # Sum of the step's losses / the step's count over every micro-batch and rank. DeepSpeed divides
         # each backward by the accumulation steps and averages gradients over ranks: undo both.
-        counts = _all_reduce_sum(torch.tensor([float(sum(task.count(b) for b in batches))], dtype=torch.float64,
+        counts = all_reduce_sum(torch.tensor([float(sum(task.count(b) for b in batches))], dtype=torch.float64,
                                               device=device))
         scale = world * len(batches) / max(float(counts[0]), 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -222,10 +229,10 @@ def train_worker(spec: LoopSpec) -> None:
             loss_sum += out.total.detach().double()
             tokens += out.tokens
             _add_figures(step_figures, out.metrics)
-        reduced = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64,
+        reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64,
                                                                        device=device)]))
         loss_mean = float(reduced[0] / max(float(counts[0]), 1.0))
-        metrics = _reduce_figures(step_figures, device)
+        metrics = reduce_figures(step_figures, device)
         ds_norm = engine.get_global_grad_norm()
         grad_norm = float(ds_norm) if ds_norm is not None else grad_norm
         if device.type == "cuda":
@@ -233,19 +240,41 @@ def train_worker(spec: LoopSpec) -> None:
         step += 1
         last_train = logger.step(step, loss_mean, lr, grad_norm, time.perf_counter() - started,
                                  tokens=int(reduced[1]) or None, metrics=metrics)
-
-        is_last = step == stop_at
-        if step % config.eval.every_steps == 0 or step == plan.total_steps:
-            last_eval = evaluate(ctx, task, rank, world, plan.micro_batch_size)
-            samples: list[str] = []
-            if config.eval.samples:
-                weights = gather_full_state_dict(engine, config.zero.stage)
-                samples = task.samples(weights) if weights is not None else []
-            logger.evaluation(step, last_eval, samples)
-        if step % config.checkpoint.every_steps == 0 or is_last:
-            logger.flush()
-            _report_checkpoint(engine, task, spec, rank, step, {**_scalars(last_train), **last_eval}, last_eval)
+        last_eval = _after_step(ctx, task, spec, logger, step, stop_at, last_train, last_eval)
     logger.close()  # the last step's checkpoint already published the logs
+
+
+def _trained_engine(model: torch.nn.Module, task: Task, spec: LoopSpec, lr_scale: float):
+    """A DeepSpeed engine with its own AdamW and schedule over the Task's parameter groups."""
+    import deepspeed
+
+    opt = spec.train.optimizer
+    groups = task.param_groups(model, opt.weight_decay)
+    for group in groups:  # a group's own learning rate (e.g. a new head's) is a multiple of the peak
+        group["lr"] = opt.lr * lr_scale * group.pop("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr * lr_scale, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    schedule = make_schedule(spec.train.schedule, spec.plan.total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=spec.deepspeed, dist_init_required=False,
+        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
+    return engine, scheduler
+
+
+def _after_step(ctx: StepContext, task: Task, spec: LoopSpec, logger: MetricsLogger, step: int, stop_at: int,
+                last_train: dict[str, Any], last_eval: dict[str, float]) -> dict[str, float]:
+    """Evaluation and checkpoint when they are due; returns the latest evaluation's figures."""
+    config, plan = spec.train, spec.plan
+    if step % config.eval.every_steps == 0 or step == plan.total_steps:
+        last_eval = evaluate(ctx, task, ctx.rank, ctx.world, plan.micro_batch_size)
+        samples: list[str] = []
+        if config.eval.samples:
+            weights = gather_full_state_dict(ctx.model, config.zero.stage)
+            samples = task.samples(weights) if weights is not None else []
+        logger.evaluation(step, last_eval, samples)
+    if step % config.checkpoint.every_steps == 0 or step == stop_at:
+        logger.flush()
+        _report_checkpoint(ctx, task, spec, step, {**_scalars(last_train), **last_eval}, last_eval)
+    return last_eval
 
 
 def _fetch_logs(spec: LoopSpec, restored: bool) -> None:
@@ -278,19 +307,22 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("kind", "time") and v is not None}
 
 
-def _report_checkpoint(engine, task: Task, spec: LoopSpec, rank: int, step: int, metrics: dict[str, Any],
+def _report_checkpoint(ctx: StepContext, task: Task, spec: LoopSpec, step: int, metrics: dict[str, Any],
                        figures: dict[str, float]) -> None:
     """Collective: every rank saves its part and reports; Ray registers the checkpoint once all uploaded."""
     import ray.train
 
+    rank = ctx.rank
     directory = Path(tempfile.mkdtemp(prefix=f"{task.name}-ckpt-{step}-rank{rank}-"))
     if rank == 0:  # logs first: a run restored from this checkpoint finds them at least this far
         _publish_logs(spec)
     try:
-        save_training_state(engine, directory, rank, {"step": step, "data_position": task.data_position(step),
-                                                      "world_size": spec.plan.world_size})
+        state = {"step": step, "data_position": task.data_position(step), "world_size": spec.plan.world_size}
+        if hasattr(task, "state"):
+            state["task"] = task.state()
+        save_training_state(ctx.model, directory, rank, state, ctx.trained)
         if spec.train.checkpoint.export_weights:
-            weights = gather_full_state_dict(engine, spec.train.zero.stage)
+            weights = gather_full_state_dict(ctx.model, spec.train.zero.stage)
             if weights is not None:
                 task.export(weights, directory / EXPORT_DIR, figures)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),

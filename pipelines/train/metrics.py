@@ -173,3 +173,31 @@ def plot_curves(records: list[dict[str, Any]], target: Path, title: str) -> Path
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+def plot_series(records: list[dict[str, Any]], names: tuple[str, ...], target: Path, title: str) -> Path | None:
+    """One panel per training metric (e.g. PPO's reward and KL per iteration), with the validation
+    figure of the same name where evaluations logged one."""
+    train = [r for r in records if r["kind"] == "train"]
+    names = tuple(n for n in names if any(n in r for r in train))
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        points = [(r["step"], r[name]) for r in train if r.get(name) is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, lw=1, label=name)
+        ax.set_ylabel(name.split("/")[-1])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("iteration")
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target

@@ -32,6 +32,7 @@ class TrainingJob:
     # Extra figures for the manifest from the metrics records (the common ones come from training_figures).
     figures: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     summary_figures: tuple[str, ...] = ("final_train_loss", "val_loss")
+    plots: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extra PNG -> the metrics it plots per step
 
 
 def check_resume(config: Any, stage: str) -> None:
@@ -62,12 +63,13 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{checkpoint.path}"
 
 
-def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _write_outputs(out: Path, checkpoint, title: str, plots: dict[str, tuple[str, ...]]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Into ``out``: the final model (from the last checkpoint's export) and the curves PNG, from the
     metrics log already there. Returns the trainer state and the metrics records."""
     from model.checkpoint import copy_checkpoint
     from pipelines.train.checkpoint import EXPORT_DIR, read_trainer_state
-    from pipelines.train.metrics import plot_curves, read_metrics
+    from pipelines.train.metrics import plot_curves, plot_series, read_metrics
 
     with checkpoint.as_directory() as directory:
         state = read_trainer_state(Path(directory))
@@ -79,6 +81,8 @@ def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], l
     staging.rename(final_model)  # the stable path later stages and `groundup serve` use
     records = read_metrics(out / METRICS_FILE)
     plot_curves(records, out / CURVES_FILE, title)
+    for name, metrics in plots.items():
+        plot_series(records, metrics, out / name, title)
     return state, records
 
 
@@ -101,16 +105,17 @@ def run_training(job: TrainingJob, started: float) -> dict[str, Any]:
         raise RuntimeError("training ended without a checkpoint")
 
     if run_dir.is_local:
-        state, records = _write_outputs(run_dir.local_path(job.stage), result.checkpoint, job.title)
+        state, records = _write_outputs(run_dir.local_path(job.stage), result.checkpoint, job.title, job.plots)
     else:  # build the outputs on this node, then upload them next to what the workers uploaded
         with tempfile.TemporaryDirectory(prefix=f"groundup-{job.stage}-") as scratch:
             out = Path(scratch)
             if run_dir.exists(job.stage, METRICS_FILE):
                 download(run_dir.uri_of(job.stage, METRICS_FILE), out / METRICS_FILE)
-            state, records = _write_outputs(out, result.checkpoint, job.title)
+            state, records = _write_outputs(out, result.checkpoint, job.title, job.plots)
             upload(out / "model", run_dir.uri_of(job.stage, "model"))
-            if (out / CURVES_FILE).is_file():
-                upload(out / CURVES_FILE, run_dir.uri_of(job.stage, CURVES_FILE))
+            for png in (CURVES_FILE, *job.plots):
+                if (out / png).is_file():
+                    upload(out / png, run_dir.uri_of(job.stage, png))
     plan = job.spec.plan
     steps_done = int(state["step"])
     figures = {**training_figures(records), **(job.figures(records) if job.figures else {})}
@@ -118,7 +123,8 @@ def run_training(job: TrainingJob, started: float) -> dict[str, Any]:
         job.stage, job.config, started, inputs=job.inputs,
         outputs={"model": "model", "metrics": METRICS_FILE, "tensorboard": TENSORBOARD_DIR, "curves_png": CURVES_FILE,
                  "checkpoint": checkpoint_uri(result.checkpoint), "plan": plan.to_dict(),
-                 "deepspeed_config": job.spec.deepspeed, **job.outputs},
+                 "deepspeed_config": job.spec.deepspeed, **{Path(p).stem + "_png": p for p in job.plots},
+                 **job.outputs},
         counts={"steps": steps_done, "tokens": steps_done * plan.tokens_per_step,
                 "flops": steps_done * plan.tokens_per_step * plan.flops_per_token, **job.counts},
         figures=figures, timings={"train_s": round(train_seconds, 3), "resumed": resumed},

@@ -21,11 +21,26 @@ Figures = dict[str, tuple[float, float]]  # name -> (sum, count): the loop adds 
 
 @dataclass
 class StepContext:
-    """What a Task's loss and evaluation see: the trained engine, the frozen model (or None), the device."""
+    """What a Task's loss and evaluation see: the trained engine, the frozen model(s) (None, a module, or
+    a dict of them), the device; for Tasks that drive their own step (PPO), the other trained engines
+    by name, this worker's rank, the world size and the ZeRO stage."""
 
     model: Any
     frozen: Any
     device: torch.device
+    trained: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class StepResult:
+    """What a Task that drives its own optimizer step (``train_step``) hands back to the loop."""
+
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int | None = None
 
 
 @dataclass
@@ -68,7 +83,14 @@ class Task(Protocol):
 
 
 class TaskDefaults:
-    """Mixin with the defaults most Tasks keep."""
+    """Mixin with the defaults most Tasks keep. Optional hooks the loop looks for:
+
+    - ``build_trained() -> dict[name, (module, lr_scale)]``: more trained models (PPO's critic), each a
+      DeepSpeed engine with its own optimizer, checkpointed with the main one;
+    - ``train_step(ctx, step) -> StepResult``: the Task runs a whole optimizer step itself (PPO: rollouts,
+      then several epochs of mini-batches over actor and critic) instead of the loop's micro-batches;
+    - ``state() -> dict`` / ``restore(state)``: Task state saved in checkpoints (PPO's KL controller).
+    """
 
     progress_figures: tuple[str, ...] = ()
 
