@@ -23,10 +23,12 @@ def write_corpus(root: Path) -> dict[str, str]:
     words = docs[1]["text"].split(" ")
     words[len(words) // 2] = "CHANGED"
     lines.append(json.dumps({"text": " ".join(words)}))                   # near duplicate of line 2
-    lines += ["{broken json", json.dumps({"no_text": 1}), "[1]"]
+    lines += ["{broken json mail jane.doe@example.org", json.dumps({"no_text": 1}), "[1]"]
     (root / "docs.jsonl").write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
     more = b"".join(json.dumps({"text": d["text"]}).encode() + b"\n" for d in docs[:3])
     (root / "cut.jsonl.gz").write_bytes(gzip.compress(more * 4)[:-40])   # truncated archive
+    (root / ".hidden.jsonl").write_text(json.dumps({"text": docs[0]["text"]}) + "\n")
+    (root / "gone.jsonl").symlink_to(root / "missing.jsonl")
     (root / "page.html").write_text(
         f"<html><body><nav>Home | Login</nav><article><p>{docs[5]['text'][:2000]}</p></article></body></html>")
     return {"exact": "docs.jsonl:61", "near": "docs.jsonl:62"}
@@ -66,6 +68,8 @@ def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, t
     assert len(rejects) == counts["documents_in"] - counts["kept"]
     assert {r["reason"] for r in rejects} == set(counts["by_reason"])
     assert all(r["location"] for r in rejects)
+    assert not any("jane.doe@example.org" in r["text"] for r in rejects)  # PII masked in rejects too
+    assert counts["files_skipped_by_reason"] == {"dangling_symlink": 1, "hidden": 1}
     reason_of = {r["id"]: r["reason"] for r in rejects}
     assert reason_of[f"corpus/{planted['exact']}"] == "dedup:exact"
     assert reason_of[f"corpus/{planted['near']}"] == "dedup:near"

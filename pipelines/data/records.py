@@ -55,12 +55,16 @@ def make_record(
 
 
 def quarantine(doc_id: str, source: str, location: str, reason: str, raw: bytes | str = b"",
-               preview_chars: int = 2000) -> dict[str, Any]:
-    """A record for input that could not be read as a document: a preview is kept for inspection."""
+               preview_chars: int = 2000, size: int | None = None) -> dict[str, Any]:
+    """A record for input that could not be read as a document: a preview is kept for inspection.
+
+    ``size`` is the input's real size in bytes when ``raw`` holds only part of it (or nothing, as for
+    an oversized line that was never kept in memory), so "bytes in" counts every byte read.
+    """
     raw_bytes = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
     preview = raw_bytes[:preview_chars].decode("utf-8", "replace")
     return make_record(doc_id, preview, source, location, status=QUARANTINED,
-                       reason=f"quarantine:{reason}", bytes_in=len(raw_bytes))
+                       reason=f"quarantine:{reason}", bytes_in=len(raw_bytes) if size is None else size)
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

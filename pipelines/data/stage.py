@@ -31,8 +31,8 @@ from pipelines.data.filters import FiltersConfig, apply_filters, effective_filte
 from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
                                  select_training_sample, token_dtype, tokenize_batch, unit_hash)
 from pipelines.data.pii import PIIConfig, redact
-from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, builtin_parts, read_builtin_part, read_input_file,
-                                    resolve_inputs)
+from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, SkippedFile, builtin_parts, read_builtin_part,
+                                    read_input_file, resolve_inputs)
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
 from pipelines.rundir import RunDir, new_manifest
 
@@ -126,6 +126,8 @@ class ProcessBatch:
                 self._process(row, timing)
             except Exception as err:  # hostile content must never take the job down
                 row["status"], row["reason"] = QUARANTINED, f"quarantine:processing_error:{type(err).__name__}"
+        if not self.pii.keep_raw_in_rejects:
+            mask_rejected(rows, self.pii)
         table = to_table(rows)
         n = max(len(rows), 1)
         for name in STEP_TIME_COLUMNS:
@@ -146,6 +148,17 @@ class ProcessBatch:
         for name, values in columns.items():
             table = table.append_column(name, values)
         return table
+
+
+def mask_rejected(rows: list[dict[str, Any]], pii: PIIConfig) -> None:
+    """Mask PII in the text and meta of every row that is not kept (dropped documents and quarantine
+    previews go to rejects/ as they are); kept rows were masked by the PII step already."""
+    every_kind = pii.model_copy(update={"enabled": True, "email": True, "phone": True, "ip": True, "card": True})
+    for row in rows:
+        if row["status"] != KEPT:
+            row["text"] = redact(row["text"], every_kind)[0]
+            if row["meta"] != "{}":
+                row["meta"] = redact(row["meta"], every_kind)[0]
 
 
 def _mark_duplicates(batch: pa.Table, removed: dict[str, tuple[str, str]]) -> pa.Table:
@@ -321,7 +334,8 @@ def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: se
 def run(config: Config) -> dict[str, Any]:
     started = time.time()
     phase: dict[str, float] = {}
-    files = resolve_inputs(config.inputs, config.read)  # bad paths fail here, before Ray starts
+    skipped: list[SkippedFile] = []
+    files = resolve_inputs(config.inputs, config.read, skipped)  # bad paths fail here, before Ray starts
     if config.tokenizer.path and not (Path(config.tokenizer.path).is_file()
                                       or (Path(config.tokenizer.path) / "tokenizer.model").is_file()):
         raise ConfigError(f"config field 'tokenizer.path': {config.tokenizer.path} not found")
@@ -330,6 +344,7 @@ def run(config: Config) -> dict[str, Any]:
         preset = "code_docs" if config.inputs == [BUILTIN] else "published"
     filters = effective_filters(config.filters, preset)
     run_dir = RunDir(config.run)
+    run_dir.check_writable(STAGE)  # a bad --run fails here in one line, not after the whole job
 
     import ray
     from ray.data.context import ShuffleStrategy
@@ -406,6 +421,9 @@ def run(config: Config) -> dict[str, Any]:
     tokens_out = sum(s["tokens"] for s in splits.values())
     tok_info["bytes_per_token"] = round(counts["bytes_out"] / max(tokens_out, 1), 4)
     counts["tokens_out"] = tokens_out
+    counts["files_skipped"] = len(skipped)
+    counts["files_skipped_by_reason"] = {r: sum(1 for f in skipped if f.reason == r)
+                                         for r in sorted({f.reason for f in skipped})}
     duplicates = {doc: target for doc, (target, _) in sorted(removed.items())}
     outputs = {
         "tokenizer": "tokenizer/tokenizer.model",
@@ -421,6 +439,7 @@ def run(config: Config) -> dict[str, Any]:
     manifest = new_manifest(
         STAGE, config, started,
         inputs={"inputs": config.inputs, "files": len(files), "filters_preset": preset,
+                "skipped_files": [{"path": f.path, "reason": f.reason} for f in skipped],
                 "effective_filters": filters.model_dump(mode="json")},
         outputs=outputs, counts=counts,
         figures={"tokenizer": tok_info, "dedup": {**dedup_stats, "duplicates": duplicates},
