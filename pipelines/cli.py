@@ -74,6 +74,7 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
         sub.set_defaults(stage=stage)
         sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        sub.add_argument("--verbose", action="store_true", help="show Ray's own messages on the console")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return parser
 
@@ -83,6 +84,8 @@ def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
     sub = _Parser(prog=f"groundup {stage.command}", description=stage.help)
     sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_argument("--verbose", action="store_true",
+                     help="show Ray's own messages on the console (default: <run>/logs/<command>.log)")
     for flag in getattr(module, "CLI_FLAGS", ()):
         sub.add_argument(*flag.names, dest=flag.dest, help=flag.help, default=None, **flag.kwargs)
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
@@ -103,6 +106,9 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     if parsed.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return None
+    from pipelines import console
+
+    console.start(command, getattr(config, "run", None), verbose=parsed.verbose)
     return module.run(config)
 
 

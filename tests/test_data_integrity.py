@@ -108,12 +108,12 @@ def test_rejected_and_quarantined_rows_are_masked_unless_asked():
               "pendant que la pluie tombe doucement sur les toits de la ville. ") * 3
     rows = [make_record("fr", french, "s", "s:1", meta={"contact": "jean.dupont@example.fr"}),
             quarantine("bad", "s", "s:2", "malformed_json", b'{"text": "mail bob@example.com card 4111 1111 1111 1111')]
-    masked = ProcessBatch(CleanConfig(), FiltersConfig(), PIIConfig())(to_table(rows)).to_pylist()
+    masked = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig())(to_table(rows)).to_pylist()
     assert masked[0]["reason"].startswith("language:")
     for row in masked:
         assert "@example" not in row["text"] + row["meta"] and "4111" not in row["text"]
     assert "<EMAIL>" in masked[0]["text"] and "<PHONE>" in masked[0]["text"]
-    raw = ProcessBatch(CleanConfig(), FiltersConfig(), PIIConfig(keep_raw_in_rejects=True))(to_table(rows)).to_pylist()
+    raw = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig(keep_raw_in_rejects=True))(to_table(rows)).to_pylist()
     assert "jean.dupont@example.fr" in raw[0]["text"] and "bob@example.com" in raw[1]["text"]
 
 

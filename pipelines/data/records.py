@@ -26,6 +26,8 @@ SCHEMA = pa.schema([
     ("reason", pa.string()),        # "" when kept; "<step>:<rule>" otherwise
     ("duplicate_of", pa.string()),  # id of the kept document this one duplicates
     ("bytes_in", pa.int64()),       # UTF-8 bytes as read (raw bytes for unreadable input)
+    ("preset", pa.string()),        # the filter preset that judged it ("" before the preset step)
+    ("detail", pa.string()),        # for a rejection: the part of the text that triggered the rule
     *[(f"pii_{kind}", pa.int32()) for kind in PII_KINDS],
 ])
 
@@ -50,6 +52,8 @@ def make_record(
         "reason": reason,
         "duplicate_of": "",
         "bytes_in": len(text.encode("utf-8", "replace")) if bytes_in is None else bytes_in,
+        "preset": "",
+        "detail": "",
         **{f"pii_{kind}": 0 for kind in PII_KINDS},
     }
 
