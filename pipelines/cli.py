@@ -99,6 +99,9 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     """
     stage = next(s for s in STAGES if s.command == command)
     module = importlib.import_module(stage.module)
+    subcommands = getattr(module, "SUBCOMMANDS", {})  # e.g. "groundup data inspect": {"inspect": main(argv)}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](list(argv[1:]))
     parsed = stage_parser(stage, module).parse_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
     values = {f.dest: getattr(parsed, f.dest) for f in flags if getattr(parsed, f.dest) is not None}

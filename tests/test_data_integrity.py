@@ -130,3 +130,34 @@ def test_bad_run_directory_exits_2_in_one_line_before_any_work(tmp_path, kind):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(run) in lines[0] and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_byte_ranges_read_exactly_the_records_of_the_whole_file(tmp_path):
+    """Large files are read in parallel byte ranges: the ranges give the whole file's records, ids and
+    line numbers included, wherever the cuts fall (inside lines, on newlines, in blank lines)."""
+    import random
+
+    from pipelines.data.readers import split_ranges
+
+    rng = random.Random(5)
+    lines = [json.dumps({"text": "w" * rng.randrange(0, 300), "n": i}) for i in range(200)]
+    for i in rng.sample(range(200), 20):
+        lines[i] = ""  # blank lines hold no record but count as lines
+    lines[7] = "{broken"
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # BOM, no final newline
+    size = path.stat().st_size
+    (whole,) = resolve_inputs([str(path)], ReadConfig())
+    expected = list(read_input_file(whole, ReadConfig()))
+    for target in (1, 37, 300, 301, 4096, size - 1, size):
+        ranges = split_ranges(whole, size, target, ReadConfig())
+        got = [r for f in ranges for r in read_input_file(f, ReadConfig())]
+        assert got == expected, target
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"line {i}\n" for i in range(100)))
+    (per_line,) = resolve_inputs([str(text)], ReadConfig(text_per_line=True))
+    ranges = split_ranges(per_line, text.stat().st_size, 50, ReadConfig(text_per_line=True))
+    assert len(ranges) > 5
+    got = [r["id"] for f in ranges for r in read_input_file(f, ReadConfig(text_per_line=True))]
+    assert got == [f"lines.txt:{i}" for i in range(1, 101)]
+    assert split_ranges(per_line, 10_000, 50, ReadConfig()) == [per_line]  # a whole-file document is not cut

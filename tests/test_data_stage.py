@@ -81,6 +81,17 @@ def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, t
     assert counts["by_reason"]["decontaminate:contains_phrase"] == 1  # the user step's rejection, counted
     assert first["figures"]["cpu_seconds_by_step"].keys() >= {"clean", "c4", "pii", "decontaminate", "dedup"}
     assert counts["by_preset"]["code_docs"]["documents"] > 60
+
+    # groundup data inspect: per rule, how many it removed and examples with what triggered it.
+    from pipelines.data.inspect import report
+
+    audit = report(str(tmp_path / "run1"), "decontaminate", 2)
+    assert "decontaminate:contains_phrase: 1 removed" in audit and "triggered by:" in audit and DECONTAMINATE in audit.lower()
+    shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "inspect", "--run", str(tmp_path / "run1"),
+                            "--n", "1"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    for rule in counts["by_reason"]:
+        assert f"{rule}: {counts['by_reason'][rule]:,} removed" in shown.stdout
     reason_of = {r["id"]: r["reason"] for r in rejects}
     assert reason_of[f"corpus/{planted['exact']}"] == "dedup:exact"
     assert reason_of[f"corpus/{planted['near']}"] == "dedup:near"

@@ -12,6 +12,7 @@ for a file given directly), so ids do not depend on where the corpus is mounted.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import glob
@@ -58,6 +59,8 @@ class InputFile:
     format: str         # a Format, or "unknown" (quarantined when read)
     compression: str | None
     preset: str = ""    # filter preset given with the input (``PATH:preset``); "" = the config's
+    start: int = 0      # a byte range of an uncompressed line-format file: the lines that start in
+    end: int = -1       # [start, end) (end -1: the whole file), read by one task; ids stay file:line
 
 
 @dataclass(frozen=True)
@@ -315,10 +318,69 @@ def replace_surrogates(value: Any) -> Any:
     return value
 
 
-def iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+def splittable(f: InputFile, cfg: ReadConfig) -> bool:
+    """Lines can be read from any byte range: uncompressed JSONL, or text read one document per line."""
+    return f.compression is None and (f.format == "jsonl" or (f.format == "text" and cfg.text_per_line))
+
+
+def split_ranges(f: InputFile, size: int, target: int, cfg: ReadConfig) -> list[InputFile]:
+    """``f`` cut into byte ranges of about ``target`` bytes (one task each), or ``[f]``."""
+    if not splittable(f, cfg) or size <= target or target <= 0:
+        return [f]
+    pieces = -(-size // target)
+    bounds = [size * k // pieces for k in range(pieces + 1)]
+    return [dataclasses.replace(f, start=a, end=b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _range_chunks(stream: Any, start: int, end: int) -> tuple[Iterator[bytes], int]:
+    """(bytes of the lines that start in [start, end), newlines before the first of them).
+
+    The prefix is read to count its newlines (line numbers stay those of the whole file); a line that
+    began before ``start`` belongs to the previous range and one that begins at ``end`` to the next.
+    """
+    newlines, remaining, last = 0, start, b"\n"
+    while remaining > 0:
+        chunk = stream.read(min(CHUNK, remaining))
+        if not chunk:
+            break
+        newlines += chunk.count(b"\n")
+        last, remaining = chunk[-1:], remaining - len(chunk)
+    skip = start > 0 and last != b"\n"
+
+    def chunks() -> Iterator[bytes]:
+        pos, skipping, finishing = start, skip, False
+        while chunk := stream.read(CHUNK):
+            if skipping:  # the rest of a line that started in the previous range
+                cut = chunk.find(b"\n")
+                pos += len(chunk) if cut < 0 else cut + 1
+                if cut < 0:
+                    continue
+                chunk, skipping = chunk[cut + 1:], False
+                if pos >= end:
+                    return
+            if finishing or pos + len(chunk) >= end:  # the line that holds byte end-1 ends this range
+                cut = chunk.find(b"\n", 0 if finishing else max(end - 1 - pos, 0))
+                if cut >= 0:
+                    yield chunk[:cut + 1]
+                    return
+                finishing = True
+            yield chunk
+            pos += len(chunk)
+
+    return chunks(), newlines + (1 if skip else 0)
+
+
+def _line_chunks(f: InputFile, stream: Any) -> tuple[Iterator[bytes], int]:
+    """(decompressed bytes of the file or of its byte range, line number before the first line)."""
+    if f.end >= 0:
+        return _range_chunks(stream, f.start, f.end)
+    return _decompressed_chunks(stream, f.compression), 0
+
+
+def iter_lines(chunks: Iterator[bytes], max_bytes: int, first_line: int = 0) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, line bytes or None if longer than max_bytes, length) without holding huge lines."""
     buffer = b""
-    lineno, oversize, oversize_len = 0, False, 0
+    lineno, oversize, oversize_len = first_line, False, 0
     for chunk in _without_bom(chunks):
         buffer += chunk
         while True:
@@ -348,7 +410,8 @@ def iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[int, b
 def _read_jsonl(f: InputFile, stream: Any, cfg: ReadConfig) -> Iterator[dict]:
     lineno = 0
     try:
-        for lineno, line, length in iter_lines(_decompressed_chunks(stream, f.compression), cfg.max_document_bytes):
+        chunks, before = _line_chunks(f, stream)
+        for lineno, line, length in iter_lines(chunks, cfg.max_document_bytes, before):
             doc_id, where = f"{f.source}:{lineno}", f"{f.source}:line {lineno}"
             if line is None:
                 yield quarantine(doc_id, f.source, where, "too_large", b"", size=length)
@@ -408,8 +471,8 @@ def _read_whole(f: InputFile, stream: Any, cfg: ReadConfig) -> tuple[bytes | Non
 def _read_text(f: InputFile, stream: Any, cfg: ReadConfig) -> Iterator[dict]:
     if cfg.text_per_line:
         try:
-            for lineno, line, length in iter_lines(_decompressed_chunks(stream, f.compression),
-                                                   cfg.max_document_bytes):
+            chunks, before = _line_chunks(f, stream)
+            for lineno, line, length in iter_lines(chunks, cfg.max_document_bytes, before):
                 doc_id, where = f"{f.source}:{lineno}", f"{f.source}:line {lineno}"
                 if line is None:
                     yield quarantine(doc_id, f.source, where, "too_large", size=length)

@@ -35,9 +35,9 @@ from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assig
 from pipelines.data.pii import PIIConfig, redact
 from pipelines.data.steps import DEFAULT_STEPS, Doc, Pipeline, Rejection, SignStep, Step, build_steps
 from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, SkippedFile, builtin_parts, read_builtin_part,
-                                    read_input_file, resolve_inputs)
+                                    read_input_file, resolve_inputs, split_ranges)
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
-from pipelines.rundir import RunDir, new_manifest
+from pipelines.rundir import RunDir, new_manifest, resolve_filesystem
 
 STAGE = "data"
 
@@ -78,15 +78,61 @@ CLI_FLAGS = (
 )
 
 
+def _inspect(argv: list[str]) -> None:
+    from pipelines.data.inspect import main
+
+    main(argv)
+
+
+SUBCOMMANDS = {"inspect": _inspect}  # groundup data inspect --run RUN [--reason R] [--n K]
+
+
 # ---------------------------------------------------------------- per-document processing (Ray tasks)
 
-def _read_file(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
-    f = InputFile(**row["file"])
-    records = list(read_input_file(f, cfg))
-    if f.preset:
-        for record in records:
-            record["preset"] = f.preset
+def _read_files(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
+    """The records of one read task: a group of small files, or one byte range of a large one."""
+    records: list[dict[str, Any]] = []
+    for item in row["files"]:
+        f = InputFile(**item)
+        start = len(records)
+        records.extend(read_input_file(f, cfg))
+        if f.preset:
+            for record in records[start:]:
+                record["preset"] = f.preset
     return records
+
+
+def _file_sizes(files: list[InputFile]) -> list[int]:
+    sizes = []
+    for f in files:
+        fs, path = resolve_filesystem(f.uri)
+        sizes.append(fs.get_file_info(path).size or 0)
+    return sizes
+
+
+def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int, cfg: ReadConfig) -> tuple[list[list[InputFile]], bool]:
+    """Read tasks of about equal bytes: large uncompressed line files are cut into byte ranges, small
+    files are grouped (in order). Returns (tasks, whether a task still holds much more than its
+    share: one large compressed file, which only repartitioning the records can spread)."""
+    total = sum(sizes)
+    target = max(total // max(tasks, 1), 1 << 16)
+    pieces: list[tuple[InputFile, int]] = []
+    for f, size in zip(files, sizes):
+        ranges = split_ranges(f, size, target, cfg)
+        pieces.extend((r, (r.end - r.start) if r.end >= 0 else size) for r in ranges)
+    groups: list[list[InputFile]] = []
+    current: list[InputFile] = []
+    held = 0
+    for f, size in pieces:
+        if current and held + size > target:
+            groups.append(current)
+            current, held = [], 0
+        current.append(f)
+        held += size
+    if current:
+        groups.append(current)
+    uneven = any(size > 2 * target for _, size in pieces)
+    return groups, uneven
 
 
 def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -268,12 +314,14 @@ def _build_records(cfg: Config, files: list[InputFile]):
 
     parts, blocks = [], 0
     if files:
-        items = [{"file": asdict(f)} for f in files]
-        # One read task per file; the records are then spread over a few blocks per CPU, since a
-        # single large file would otherwise be cleaned and filtered by one task on one core.
-        parts.append(ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            _read_file, fn_kwargs={"cfg": cfg.read}).repartition(_processing_blocks()))
-        blocks += _processing_blocks()
+        # Read tasks balanced by bytes (large line files in byte ranges, small files grouped): each
+        # task then reads, cleans, filters and signs its share in one fused Ray Data task. Only a large
+        # file that cannot be cut (compressed) has its records spread over blocks by a repartition.
+        groups, uneven = balance_read_tasks(files, _file_sizes(files), _processing_blocks(), cfg.read)
+        items = [{"files": [asdict(f) for f in group]} for group in groups]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(_read_files, fn_kwargs={"cfg": cfg.read})
+        parts.append(ds.repartition(_processing_blocks()) if uneven else ds)
+        blocks += _processing_blocks() if uneven else len(items)
     if BUILTIN in cfg.inputs:
         # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
         pieces = builtin_parts(_processing_blocks())
