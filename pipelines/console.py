@@ -247,7 +247,7 @@ class Progress:
 
     def line(self, done: bool = False) -> str:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        parts = [f"{self.label}:"]
+        parts = []
         if self.total:
             parts.append(f"{self.items:,}/{self.total:,} {self.unit}")
         else:
@@ -261,7 +261,7 @@ class Progress:
             fraction = self.items / self.total if self.total else self.fraction
             eta = elapsed * (1 - fraction) / fraction if fraction else None
             parts.append(f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
-        return "  ".join(parts)
+        return f"{self.label}: " + "  ".join(parts)
 
     def _emit(self, line: str, final: bool = False) -> None:
         if self.tty:
