@@ -161,3 +161,14 @@ def test_byte_ranges_read_exactly_the_records_of_the_whole_file(tmp_path):
     got = [r["id"] for f in ranges for r in read_input_file(f, ReadConfig(text_per_line=True))]
     assert got == [f"lines.txt:{i}" for i in range(1, 101)]
     assert split_ranges(per_line, 10_000, 50, ReadConfig()) == [per_line]  # a whole-file document is not cut
+
+
+def test_fix_unicode_equals_ftfy_on_crlf_text():
+    import ftfy
+
+    from pipelines.data.clean import fix_unicode
+
+    samples = ["plain line\r\nsecond line\r\n", "Caf\u00c3\u00a9 ok\r\nnext &amp; more\r\n<b>x</b> &lt;\r\n",
+               "mixed\r\nends\nhere\r\n\r\n\u201cquoted\u201d\r\nlone\rcarriage", "\u00e2\u0080\u0099 mojibake\r\nline"]
+    for text in samples:
+        assert fix_unicode(text) == ftfy.fix_text(text, normalization=None), text

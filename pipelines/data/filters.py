@@ -283,19 +283,24 @@ def identify_language(text: str) -> tuple[str, float]:
     return str(lang), float(score)
 
 
-def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+def language_decision(text: str, cfg: LanguageConfig) -> tuple[str | None, str, float]:
+    """(reason to drop or None, language, score) — the score of the prefix that decided."""
     if len(text) > LANGUAGE_QUICK_CHARS:
         # Most documents are settled by a short prefix: a kept language at near certainty on the
         # first 2k characters keeps the document; anything less is decided on the full 10k prefix.
         lang, score = _language_identifier().classify(text[:LANGUAGE_QUICK_CHARS])
         if lang in cfg.languages and score >= max(LANGUAGE_QUICK_SCORE, cfg.min_score):
-            return None
+            return None, str(lang), float(score)
     lang, score = identify_language(text)
     if lang not in cfg.languages:
-        return f"language:not_{'_'.join(cfg.languages)}"
+        return f"language:not_{'_'.join(cfg.languages)}", lang, score
     if score < cfg.min_score:
-        return "language:low_confidence"
-    return None
+        return "language:low_confidence", lang, score
+    return None, lang, score
+
+
+def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+    return language_decision(text, cfg)[0]
 
 
 # ---------------------------------------------------------------- Gopher

@@ -139,14 +139,13 @@ class LanguageStep(_FilterStep):
     name = section = "language"
 
     def apply(self, doc: Doc) -> Doc | Rejection:
-        from pipelines.data.filters import identify_language, language_filter
+        from pipelines.data.filters import language_decision
 
         cfg = self.settings(doc)
         if not cfg.enabled:
             return doc
-        reason = language_filter(doc.text, cfg)
+        reason, lang, score = language_decision(doc.text, cfg)
         if reason:
-            lang, score = identify_language(doc.text)
             return Rejection(reason, f"identified {lang} with score {score:.2f}")
         return doc
 
