@@ -78,6 +78,7 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
         sub.set_defaults(stage=stage)
         sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        sub.add_argument("--verbose", action="store_true", help="show Ray's own messages on the console")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return parser
 
@@ -87,6 +88,8 @@ def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
     sub = _Parser(prog=f"groundup {stage.command}", description=stage.help)
     sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_argument("--verbose", action="store_true",
+                     help="show Ray's own messages on the console (default: <run>/logs/<command>.log)")
     for flag in getattr(module, "CLI_FLAGS", ()):
         sub.add_argument(*flag.names, dest=flag.dest, help=flag.help, default=None, **flag.kwargs)
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
@@ -100,6 +103,9 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     """
     stage = next(s for s in STAGES if s.command == command)
     module = importlib.import_module(stage.module)
+    subcommands = getattr(module, "SUBCOMMANDS", {})  # e.g. "groundup data inspect": {"inspect": main(argv)}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](list(argv[1:]))
     # Intermixed: key=value overrides may come before and after flags (argparse would reject the later ones).
     parsed = stage_parser(stage, module).parse_intermixed_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
@@ -108,6 +114,9 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     if parsed.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return None
+    from pipelines import console
+
+    console.start(command, getattr(config, "run", None), verbose=parsed.verbose)
     return module.run(config)
 
 

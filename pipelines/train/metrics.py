@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ def say(line: str) -> None:
     both reach the driver: every progress line showed twice. Writing to the stream directly shows it
     once (and it still lands in the worker's log file).
     """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    from pipelines.console import say as console_say
+
+    console_say(line)
 
 
 class MetricsLogger:
