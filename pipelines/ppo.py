@@ -274,7 +274,9 @@ class PPOTask(TaskDefaults):
         mine = self.order.micro_batches(step, ctx.rank, ctx.world, self.order.global_batch // ctx.world)[0]
         prompts = [self.train_prompts[int(i)] for i in mine for _ in range(group)]
         seeds = [hash((self.seed, step, int(i), k)) % 2**62 for i in mine for k in range(group)]
+        started = time.perf_counter()
         encoded, completions = self._sample(ctx, prompts, seeds)
+        generate_s = time.perf_counter() - started
         scores, rules = self._scores(ctx, prompts, encoded, completions)
         sequences = [p + c.sampled_ids for p, c in zip(encoded, completions)]
         tokens, lengths = _pad(sequences)
@@ -308,7 +310,9 @@ class PPOTask(TaskDefaults):
                    "objective/scores": (float(scores.sum()), n), "objective/non_score_reward": (float(non_score.sum()), n),
                    "objective/rlhf_reward": (float((scores + non_score).sum()), n),
                    "objective/rule_score": (float(rules.sum()), n), "val/num_eos_tokens": (float(eos), 1),
-                   "reply_tokens": (float(response.sum()), n)}
+                   "reply_tokens": (float(response.sum()), n),
+                   # generated tokens per second of generation, per worker (the rollout's sampling speed)
+                   "time/generate_tokens_per_s": (float(response.sum()) / max(generate_s, 1e-9), 1)}
         return Rollout(tokens, response, old, ref, values, advantages, returns, figures)
 
     # ---- one iteration ----
