@@ -30,7 +30,7 @@ from pydantic import Field
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StrictModel
 from pipelines.posttrain import (ModelSource, PostTrainConfig, add_reply_comparison, common_flags, load_examples,
-                                 resolve_model)
+                                 loop_spec, resolve_model)
 from pipelines.rundir import RunDir
 from pipelines.train.conversations import RowError, _messages
 from pipelines.train.data import BatchOrder
@@ -452,8 +452,6 @@ def _logprobs(model, tokens: torch.Tensor, device: torch.device, grad: bool = Fa
 def prepare(config: Config):
     from model.reward import reward_stats
     from pipelines.data.instructions import builtin_prompts
-    from pipelines.train.deepspeed_config import deepspeed_config
-    from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
     from pipelines.train.trainer import decide_use_gpu
 
@@ -514,10 +512,7 @@ def prepare(config: Config):
                    kl=config.kl, rollout=config.rollout, reward=config.reward,
                    micro_batch_size=config.train.batch.micro_batch_size, eval_max_rows=config.train.eval.max_rows,
                    seed=config.seed)
-    spec = LoopSpec(task=task, train=train_config, plan=plan, deepspeed=deepspeed_config(train_config, plan),
-                    out_dir=str(run.working_path(STAGE)), seed=config.seed,
-                    publish_uri=None if run.is_local else run.uri_of(STAGE))
-    return spec, examples, has_gpu
+    return loop_spec(config, STAGE, task, plan, train_config), examples, has_gpu
 
 
 def run(config: Config) -> dict[str, Any]:

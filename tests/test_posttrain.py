@@ -35,6 +35,16 @@ def _build(module, run: Path, *overrides: str):
     return build_config(module.Config, overrides=[f"run={run}", *overrides])
 
 
+def _assert_one_line_errors(cases: list[tuple[list[str], str]]) -> None:
+    """Each command exits with status 2 and one line on stderr that names the culprit (``needle``)."""
+    for argv, needle in cases:
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, (argv, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+
+
 def _train_losses(run: Path, stage: str) -> dict[int, float]:
     from pipelines.train.metrics import read_metrics
 
@@ -168,12 +178,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, sft_run):
         (["dpo", "--run", str(run), "--from", str(tmp_path)], "from"),
         (["sft", "--run", str(run), "train.optimizer.lr=-1"], "train.optimizer.lr"),
     ]
-    for argv, needle in cases:
-        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 2, (argv, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+    _assert_one_line_errors(cases)
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------
@@ -385,9 +390,4 @@ def test_ppo_config_errors_name_the_field(sft_run, tmp_path):
         (["ppo", "--run", str(run), "reward.model=null"], "reward"),
         (["ppo", "--run", str(run), "reward.model=null", "--reward-function", "nowhere:fn"], "reward.function"),
     ]
-    for argv, needle in cases:
-        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 2, (argv, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+    _assert_one_line_errors(cases)
