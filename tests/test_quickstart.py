@@ -29,7 +29,7 @@ def test_quickstart_runs_every_stage_and_prints_samples(ray_cluster, tmp_path):
 # output, Ray Data's execution plans and progress dumps, Ray Train's cleaner.
 RAY_INTERNAL = re.compile(r"\.py:\d+ -- |\((?:pid=|\w+ pid=)|logging_progress|streaming_executor|MapBatches\(|"
                           r"PlacementGroupCleaner|Token authentication|Running Dataset|RayTrainWorker|"
-                          r"TrainController|object store")
+                          r"TrainController|object store|DataContext|Progress bars")
 
 
 def test_quickstart_console_has_no_ray_internal_lines(ray_cluster, tmp_path):
