@@ -68,7 +68,8 @@ class Config(StageConfig):
 
 
 CLI_FLAGS = (
-    Flag(("--input",), "inputs", "input paths/URIs or 'builtin'", {"nargs": "+"}),
+    Flag(("--input",), "inputs", "input paths/URIs or 'builtin', each optionally PATH:preset "
+                                 "(web, books, code_docs) to set the filter preset of its documents", {"nargs": "+"}),
     Flag(("--run",), "run", "run directory"),
     Flag(("--seed",), "seed", "seed for sampling, splits and order", {"type": int}),
     Flag(("--text-field",), "read.text_field", "JSONL/Parquet field holding the text"),
@@ -85,6 +86,8 @@ def _inspect(argv: list[str]) -> None:
 
 
 SUBCOMMANDS = {"inspect": _inspect}  # groundup data inspect --run RUN [--reason R] [--n K]
+SUBCOMMANDS_HELP = ("groundup data inspect --run RUN [--reason R] [--n K]: per filter rule, the documents "
+                    "it removed and examples with what triggered it")
 
 
 # ---------------------------------------------------------------- per-document processing (Ray tasks)
