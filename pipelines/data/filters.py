@@ -539,27 +539,19 @@ def fineweb_filter(text: str, cfg: FineWebConfig, doc: Document | None = None) -
     return None
 
 
-def apply_filters(text: str, cfg: FiltersConfig) -> tuple[str, str | None]:
-    """Run the filters in FineWeb's order; (possibly edited text, first reason to drop or None).
+def apply_filters(text: str, cfg: FiltersConfig, preset: str = "web") -> tuple[str, str | None]:
+    """The quality-filter steps of the default pipeline on one text, judged by ``preset``:
+    (possibly edited text, first reason to drop or None). The stage runs the same steps
+    (:mod:`pipelines.data.steps`); this is the short way to try the filters on a text."""
+    from pipelines.data.steps import (C4Step, Doc, FineWebStep, GopherQualityStep, GopherRepetitionStep,
+                                      LanguageStep, Pipeline, Rejection)
 
-    Words, lines and the lower-cased text are computed once per document and shared by the filters.
-    """
-    if cfg.language.enabled and (reason := language_filter(text, cfg.language)):
-        return text, reason
-    doc = Document(text)
-    if cfg.gopher_repetition.enabled and (reason := gopher_repetition(text, cfg.gopher_repetition, doc)):
-        return text, reason
-    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, cfg.gopher_quality, doc)):
-        return text, reason
-    if cfg.c4.enabled:
-        cleaned, reason = c4_filter(text, cfg.c4, doc)
-        if reason:
-            return cleaned, reason
-        if cleaned != text:
-            text, doc = cleaned, Document(cleaned)
-    if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb, doc)):
-        return text, reason
-    return text, None
+    steps = [cls(cfg) for cls in (LanguageStep, GopherRepetitionStep, GopherQualityStep, C4Step, FineWebStep)]
+    doc = Doc("text", text, "text", preset="web" if preset == "published" else preset)
+    result = Pipeline(steps).run(doc)
+    if isinstance(result, Rejection):
+        return doc.text, result.reason
+    return result.text, None
 
 
 # ---------------------------------------------------------------- presets chosen per document
