@@ -468,7 +468,9 @@ def run(config: Config) -> dict[str, Any]:
 
     from pipelines.ray_env import ensure_ray
 
+    mark = time.perf_counter()
     ensure_ray(config.num_cpus)
+    phase["ray_start"] = time.perf_counter() - mark
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard bytes must not depend on task timing
     if config.shuffle == "sort":
@@ -501,6 +503,7 @@ def run(config: Config) -> dict[str, Any]:
                                       batch_format="pyarrow").materialize()
     phase["dedup"] = time.perf_counter() - mark
 
+    mark = time.perf_counter()
     counts, _, step_seconds = _aggregate_counts(final)
     if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
         raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
@@ -518,6 +521,7 @@ def run(config: Config) -> dict[str, Any]:
         raise ConfigError("no documents survived cleaning and dedup (see data/rejects/; "
                           "relax config field 'filters' or check the inputs)")
 
+    phase["counts_rejects"] = time.perf_counter() - mark
     mark = time.perf_counter()
     # One pass gives every kept id (for the split) and the tokenizer's over-sample.
     rows = kept.map_batches(_ids_and_sample, fn_kwargs={"seed": config.seed,
