@@ -560,6 +560,7 @@ _CODE_LINE = re.compile(r"^(?:    |\t)|^\s*(?:>>>|\$ |def |class |import |from \
                         r"|[{}]\s*$|[)=\w\]]\);?\s*$|=.*;\s*$")
 _SPEAKER_LINE = re.compile(r"^[A-Z][A-Z .'-]{1,30}[.:]?$")  # "HAMLET." / "KING LEAR:" / "ACT I."
 BOOK_WORDS = 20_000
+SHAPE_CHARS = 20_000
 
 
 def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str:
@@ -570,13 +571,15 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
     - web: HTML pages, and records that carry a URL;
     - books: book-length text (20k words and more), and text shaped like verse or a play (mostly short
       lines, or speaker labels such as ``HAMLET.``);
+    (line shapes are read on the first 20,000 characters)
     - web otherwise (the published rules are the default for text of unknown origin).
     """
     if source == "builtin" or meta.get("kind") in ("docstrings", "pydoc_topic"):
         return "code_docs"
     if fmt == "html" or "url" in meta:
         return "web"
-    lines = [line for line in text.split("\n") if line.strip()]
+    # The shape is read on the first SHAPE_CHARS characters: enough to tell, bounded on long works.
+    lines = [line for line in text[:SHAPE_CHARS].split("\n") if line.strip()]
     if lines:
         code = sum(1 for line in lines if _CODE_LINE.search(line))
         if code / len(lines) >= 0.15:
