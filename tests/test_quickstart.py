@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 # output, Ray Data's execution plans and progress dumps, Ray Train's cleaner.
 RAY_INTERNAL = re.compile(r"\.py:\d+ -- |\((?:pid=|\w+ pid=)|logging_progress|streaming_executor|MapBatches\(|"
                           r"PlacementGroupCleaner|Token authentication|Running Dataset|RayTrainWorker|"
-                          r"TrainController|object store")
+                          r"TrainController|object store|DataContext|Progress bars")
 
 
 def test_quickstart_runs_every_stage_prints_samples_and_replies_quietly(ray_cluster, tmp_path):
