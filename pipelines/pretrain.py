@@ -42,7 +42,8 @@ class Config(StageConfig):
 
 CLI_FLAGS = (
     Flag(("--run",), "run", "run directory holding data/ (outputs go to <run>/pretrain/)"),
-    Flag(("--model",), "model", "model preset: 1m, 10m, 125m, 350m, 1.3b"),
+    Flag(("--model",), "model", "model preset: 1m, 10m, 125m, 350m, 1.3b, or auto (sized from --flops by the "
+         "run's fitted scaling laws: groundup scaling)"),
     Flag(("--seed",), "seed", "seed for initial weights and data order", {"type": int}),
     Flag(("--workers",), "train.num_workers", "Ray Train workers", {"type": int}),
     Flag(("--steps",), "train.length.steps", "train for this many optimizer steps", {"type": int}),
@@ -158,6 +159,10 @@ def prepare(config: Config):
     from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
 
+    if config.model == "auto":  # sized by the run's fitted scaling laws (groundup scaling)
+        from pipelines.scaling import auto_model
+
+        config = auto_model(config)
     if config.model not in PRESETS:
         raise ConfigError(f"config field 'model': unknown preset {config.model!r} (choose {', '.join(PRESETS)})")
     run = RunDir(config.run)
@@ -202,6 +207,10 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     from pipelines.train.trainer import fit, prepare_storage
 
+    if config.model == "auto":  # sized by the run's fitted scaling laws (groundup scaling)
+        from pipelines.scaling import auto_model
+
+        config = auto_model(config)
     run_dir = RunDir(config.run)
     storage = run_dir.uri_of(STAGE)  # Ray Train writes checkpoints here (local, shared or object store)
     if config.resume:  # fail before Ray starts (deciding on GPUs may start it)
