@@ -159,10 +159,9 @@ def prepare(config: Config):
     from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
 
-    if config.model == "auto":  # sized by the run's fitted scaling laws (groundup scaling)
-        from pipelines.scaling import auto_model
+    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
 
-        config = auto_model(config)
+    config = resolve_budget(config)
     if config.model not in PRESETS:
         raise ConfigError(f"config field 'model': unknown preset {config.model!r} (choose {', '.join(PRESETS)})")
     run = RunDir(config.run)
@@ -207,10 +206,9 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     from pipelines.train.trainer import fit, prepare_storage
 
-    if config.model == "auto":  # sized by the run's fitted scaling laws (groundup scaling)
-        from pipelines.scaling import auto_model
+    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
 
-        config = auto_model(config)
+    config = resolve_budget(config)
     run_dir = RunDir(config.run)
     storage = run_dir.uri_of(STAGE)  # Ray Train writes checkpoints here (local, shared or object store)
     if config.resume:  # fail before Ray starts (deciding on GPUs may start it)

@@ -486,3 +486,61 @@ def auto_model(config):
     return config.model_copy(update={"model": manifest["outputs"]["base_model"],
                                      "model_overrides": {**config.model_overrides, **out["model_overrides"]},
                                      "train": type(config.train).model_validate(train)})
+
+
+DEFAULT_MIN_STEPS = 200  # without a fit: budgets get at least this many optimizer steps when the batch is not given
+
+
+def budget_defaults(config):
+    """Batch and learning rate chosen from the budget when the user gives one (flops, tokens or tokens per
+    parameter) but neither a batch size nor a learning rate: the run's scaling fit's batch rule when the
+    run has one, else the largest power-of-two batch (at most the default 16k tokens) that still gives
+    ``DEFAULT_MIN_STEPS`` steps, with lr 2e-3 once the batch is 4k tokens or less. On a 1 MB corpus a
+    16k-token batch gives the 1m preset 50 steps; 2k tokens at 2e-3 learns more in less time.
+    Prints the choice and why. Anything the user set is kept."""
+    train = config.train
+    length = train.length
+    given = "length" in train.model_fields_set and length.steps is None
+    if not given or "global_batch_tokens" in train.batch.model_fields_set or "lr" in train.optimizer.model_fields_set:
+        return config
+    from model.config import PRESETS, preset
+
+    data = read_data(config) if RunDir(config.run).exists("data", "manifest.json") else None
+    if data is None or config.model not in PRESETS:
+        return config  # prepare() reports what is wrong
+    seq = config.sequence_length or int(data["sequence_length"])
+    try:
+        model = preset(config.model, **{"vocab_size": int(data["vocab_size"]), "max_seq_len": seq,
+                                        **config.model_overrides})
+    except (ValueError, TypeError):
+        return config
+    fpt = model.flops_per_token(seq)
+    tokens = (length.tokens if length.tokens is not None else
+              length.flops / fpt if length.flops is not None else length.tokens_per_parameter * model.num_parameters)
+    default = train.batch.global_batch_tokens
+    if RunDir(config.run).exists(STAGE, "manifest.json"):
+        batch = recommend_batch(RunDir(config.run).read_manifest(STAGE), tokens)
+        chosen, why = batch["global_batch_tokens"], f"{batch['batch_why']} (the scaling run's rule)"
+    else:
+        sequences = max(1, int(tokens / DEFAULT_MIN_STEPS / seq))
+        sequences = min(2 ** int(math.log2(sequences)), max(1, default // seq))
+        chosen = sequences * seq
+        why = (f"{tokens:,.0f} tokens in {math.ceil(tokens / chosen)} steps of {chosen} (a {default}-token batch "
+               f"would make {math.ceil(tokens / default)}; small budgets learn more from more, smaller steps)")
+    if chosen >= default:
+        return config
+    lr = 2e-3 if chosen <= 4096 else train.optimizer.lr
+    print(f"pretrain: batch {chosen} tokens and lr {lr:.1e} (neither given, a budget given): {why}", flush=True)
+    dumped = train.model_dump()
+    dumped["batch"]["global_batch_tokens"] = chosen
+    dumped["batch"]["micro_batch_size"] = min(dumped["batch"]["micro_batch_size"],
+                                              max(1, chosen // seq // train.num_workers))
+    dumped["optimizer"]["lr"] = lr
+    return config.model_copy(update={"train": type(train).model_validate(dumped)})
+
+
+def resolve_budget(config):
+    """pretrain's hook: ``--model auto`` sized by the fitted laws, then budget-aware batch and lr."""
+    if config.model == "auto":
+        config = auto_model(config)
+    return budget_defaults(config)

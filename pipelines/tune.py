@@ -222,7 +222,7 @@ def _progress_callback(prefix: str = STAGE):
             self.ended: dict[str, str] = {}
 
         def _counts(self, trials) -> str:
-            running = sum(t.status == "RUNNING" for t in trials)
+            running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
             pending = sum(t.status in ("PENDING", "PAUSED") for t in trials)
             stopped = sum(v == "stopped" for v in self.ended.values())
             finished = sum(v == "finished" for v in self.ended.values())

@@ -124,3 +124,27 @@ def test_pretrain_model_auto_trains_the_predicted_size(builtin_data_dir, tmp_pat
     assert {k: model[k] for k in expected["model_overrides"]} == expected["model_overrides"]
     assert manifest["outputs"]["plan"]["tokens_per_step"] == expected["global_batch_tokens"]
     assert manifest["counts"]["flops"] == pytest.approx(2e10, rel=0.1)
+
+
+def test_budget_gives_batch_and_lr_when_neither_is_set(tmp_path, capsys):
+    from pipelines.config import build_config
+    from pipelines.pretrain import Config
+    from pipelines.scaling import budget_defaults
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(
+        {"outputs": {"vocab_size": VOCAB, "sequence_length": SEQ, "splits": {"train": {"tokens": 10**6}}}}))
+
+    def config(*extra):
+        return build_config(Config, overrides=[f"run={tmp_path}", "model=1m", *extra])
+
+    chosen = budget_defaults(config("train.length.tokens=400000"))
+    assert chosen.train.batch.global_batch_tokens == 1024 and chosen.train.optimizer.lr == 2e-3
+    assert "neither given" in capsys.readouterr().out
+    for extra in (["train.length.tokens=400000", "train.batch.global_batch_tokens=4096"],
+                  ["train.length.tokens=400000", "train.optimizer.lr=1e-3"], ["train.length.steps=50"], [],
+                  ["train.length.tokens=100000000"]):  # a budget big enough for the default batch
+        assert budget_defaults(config(*extra)) == config(*extra)
+    write_synthetic_fit(tmp_path)  # with a scaling fit in the run, its batch rule decides
+    assert budget_defaults(config("train.length.tokens=40000")).train.batch.global_batch_tokens == 4096  # >= 8 steps
+    assert "the scaling run's rule" in capsys.readouterr().out

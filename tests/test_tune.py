@@ -178,6 +178,11 @@ def test_space_file_spellings_and_mistakes(tmp_path):
     assert dims["train.optimizer.lr"].kind == "loguniform" and dims["train.optimizer.weight_decay"].kind == "constant"
     assert dims["model_overrides.n_layers"].args == (2, 4)
     assert len(corners(list(dims.values()))) == 2 * 2 * 2 * 2
+    shipped = Path(__file__).resolve().parent.parent / "pipelines" / "recipes" / "tune_space.yaml"
+    from pipelines.tune import Config, base_tree, trial_config
+
+    for dim in read_space(shipped):  # the example in the README names real fields
+        trial_config(base_tree(Config()), {dim.key: dim.representatives()[-1]})
     for text, expected in (("lr: {normal: [0, 1]}", "unknown distribution"),
                            ("lr: {loguniform: [0, 1]}", "low > 0"), ("lr: {uniform: [2, 1]}", "low < high"),
                            ("lr: {choice: []}", "non-empty list"), ("lr: 0.1", "no field to search"),
