@@ -208,7 +208,7 @@ def run(config: Config) -> dict[str, Any]:
 
     from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
 
-    config = resolve_budget(config)
+    config = resolve_budget(config, warn=True)
     run_dir = RunDir(config.run)
     storage = run_dir.uri_of(STAGE)  # Ray Train writes checkpoints here (local, shared or object store)
     if config.resume:  # fail before Ray starts (deciding on GPUs may start it)

@@ -539,8 +539,36 @@ def budget_defaults(config):
     return config.model_copy(update={"train": type(train).model_validate(dumped)})
 
 
-def resolve_budget(config):
-    """pretrain's hook: ``--model auto`` sized by the fitted laws, then budget-aware batch and lr."""
+def resolve_budget(config, warn: bool = False):
+    """pretrain's hook: ``--model auto`` sized by the fitted laws, then budget-aware batch and lr; with
+    ``warn``, a warning when the run's tokens exceed the corpus (epochs bend the loss curve)."""
     if config.model == "auto":
         config = auto_model(config)
-    return budget_defaults(config)
+    config = budget_defaults(config)
+    if warn:
+        warn_epochs(config)
+    return config
+
+
+def warn_epochs(config) -> None:
+    from model.config import PRESETS, preset
+
+    run = RunDir(config.run)
+    if not run.exists("data", "manifest.json") or config.model not in PRESETS:
+        return
+    data = read_data(config)
+    corpus = int(data.get("splits", {}).get("train", {}).get("tokens", 0) or 0)
+    seq = config.sequence_length or int(data["sequence_length"])
+    length = config.train.length
+    try:
+        model = preset(config.model, **{"vocab_size": int(data["vocab_size"]), "max_seq_len": seq,
+                                        **config.model_overrides})
+    except (ValueError, TypeError):
+        return
+    tokens = (length.steps * config.train.batch.global_batch_tokens if length.steps is not None else
+              length.tokens if length.tokens is not None else
+              length.flops / model.flops_per_token(seq) if length.flops is not None else
+              length.tokens_per_parameter * model.num_parameters)
+    if corpus and tokens > corpus:
+        print(f"pretrain: warning: {tokens:,.0f} training tokens exceed the corpus's {corpus:,} "
+              f"({tokens / corpus:.1f} epochs): repeated data bends the loss curve (and a scaling fit)", flush=True)

@@ -446,11 +446,31 @@ def build_tuner(config: Config, dims, use_gpu: bool, max_concurrent: int):
                       run_config=run_config), trainable, callbacks
 
 
+def sized_from_budget(config: Config) -> Config:
+    """With a FLOPs budget, what ``groundup pretrain --flops C`` would choose for the fields the user left
+    out: ``model=auto`` sizes the trials from the run's fitted scaling laws; batch and lr from the budget
+    (``pipelines.scaling.resolve_budget``, which prints each choice and why)."""
+    if config.budget.flops is None:
+        if config.model == "auto":
+            raise ConfigError("config field 'model': auto sizes the trials from a compute budget: give --flops C")
+        return config
+    from pipelines.scaling import resolve_budget
+
+    given = config.model_dump(exclude_unset=True)
+    fields = {k: v for k, v in given.items() if k in pretrain.Config.model_fields and k != "resume"}
+    fields["run"] = config.run
+    fields.setdefault("train", {})["length"] = {"flops": config.budget.flops}
+    resolved = resolve_budget(pretrain.Config.model_validate(fields))
+    return config.model_copy(update={"model": resolved.model, "model_overrides": resolved.model_overrides,
+                                     "train": resolved.train})
+
+
 def run(config: Config) -> dict[str, Any]:
     started = time.time()
     if not config.space:
         raise ConfigError("config field 'space': give --space FILE (a YAML search space)")
     dims = search_space.read_space(config.space)
+    config = sized_from_budget(config)
     for dim in dims:  # an unknown or ill-typed field fails here, naming the space file
         trial_config(base_tree(config), {dim.key: dim.representatives()[0]}, f"space file {config.space}")
     from pipelines.train.trainer import prepare_storage

@@ -148,3 +148,38 @@ def test_budget_gives_batch_and_lr_when_neither_is_set(tmp_path, capsys):
     write_synthetic_fit(tmp_path)  # with a scaling fit in the run, its batch rule decides
     assert budget_defaults(config("train.length.tokens=40000")).train.batch.global_batch_tokens == 4096  # >= 8 steps
     assert "the scaling run's rule" in capsys.readouterr().out
+
+
+def test_pretrain_warns_when_tokens_exceed_the_corpus(tmp_path, capsys):
+    from pipelines.config import build_config
+    from pipelines.pretrain import Config
+    from pipelines.scaling import resolve_budget
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(
+        {"outputs": {"vocab_size": VOCAB, "sequence_length": SEQ, "splits": {"train": {"tokens": 10**5}}}}))
+    resolve_budget(build_config(Config, overrides=[f"run={tmp_path}", "model=1m", "train.length.steps=100",
+                                                   "train.batch.global_batch_tokens=4096"]), warn=True)
+    assert "4.1 epochs" in capsys.readouterr().out
+    resolve_budget(build_config(Config, overrides=[f"run={tmp_path}", "model=1m", "train.length.steps=10",
+                                                   "train.batch.global_batch_tokens=4096"]), warn=True)
+    assert "epochs" not in capsys.readouterr().out
+
+
+def test_tune_given_only_a_budget_sizes_its_trials_from_the_fit(tmp_path, capsys):
+    from pipelines.config import build_config
+    from pipelines.scaling_predict import Config as PredictConfig, run as predict
+    from pipelines.tune import Config, sized_from_budget
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(
+        {"outputs": {"vocab_size": VOCAB, "sequence_length": SEQ, "splits": {"train": {"tokens": 10**6}}}}))
+    write_synthetic_fit(tmp_path)
+    expected = predict(PredictConfig(run=str(tmp_path), flops=3e10))
+    config = sized_from_budget(build_config(Config, overrides=[f"run={tmp_path}", "space=unused.yaml", "model=auto",
+                                                               f"sequence_length={SEQ}", "budget.flops=3e10"]))
+    assert config.model == "1m" and {k: config.model_overrides[k] for k in expected["model_overrides"]} == \
+        expected["model_overrides"]
+    assert config.train.batch.global_batch_tokens == expected["global_batch_tokens"]
+    assert config.train.optimizer.lr == pytest.approx(expected["lr"])
+    assert "model auto" in capsys.readouterr().out
