@@ -6,7 +6,6 @@ stage, in process or in a subprocess, shares the session's one cluster.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -21,13 +20,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     check_cluster_reachable()
-    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    from pipelines import console  # Ray's own messages: to <run>/logs/<command>.log unless --verbose
+
+    kwargs: dict = {"log_to_driver": True, **console.ray_init_logging()}
     starts_local = os.environ.get("RAY_ADDRESS", "") in ("", "local")
     if starts_local and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     if starts_local:
         kwargs.update(dashboard_kwargs())
     ray.init(**kwargs)
+    console.after_ray_init()
 
 
 def dashboard_kwargs() -> dict:
