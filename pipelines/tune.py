@@ -114,7 +114,7 @@ def check_space(config: Config, dims: list[search_space.Dimension]) -> list[dict
         try:
             import optuna  # noqa: F401
         except ImportError:
-            raise ConfigError("config field 'search': optuna is not installed (pip install optuna)") from None
+            raise ConfigError("config field 'search': optuna is not installed (pip install -e \".[tune]\")") from None
     checked = []
     for params in search_space.corners(dims):
         # Checked without GPUs or Ray: only the shapes, the data and the budget matter here.
