@@ -2,7 +2,7 @@
 budgets (``groundup scaling``, K sizes each, Tune trials of the training core), the fitted exponents a
 (N* ∝ C^a) and b (D* ∝ C^b) with bootstrap intervals, then a held-out run at 4x the largest budget at
 the predicted size: predicted against measured validation loss (target: within 3 %), and wall times.
-Run: python benchmarks/bench_scaling.py [--budgets 1e11,3e11,1e12] [--sizes 4] [--holdout 4]
+Run: python benchmarks/bench_scaling.py [--budgets 3e10,1e11,3e11] [--sizes 4] [--holdout 4]
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="/tmp/groundup-bench-scaling", help="scratch run directory")
-    parser.add_argument("--budgets", default="1e11,3e11,1e12")
+    parser.add_argument("--budgets", default="3e10,1e11,3e11")
     parser.add_argument("--sizes", type=int, default=4)
     parser.add_argument("--holdout", type=float, default=4.0)
-    parser.add_argument("--tokens-per-parameter", type=float, default=1.0,
-                        help="centre of the sizes (tiny models on a tiny corpus want few tokens per parameter)")
+    parser.add_argument("--tokens-per-parameter", type=float, default=20.0, help="centre of the sizes (D/N)")
+    parser.add_argument("--width-step", type=int, default=16, help="the family's width per size step")
     args = parser.parse_args()
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,8 @@ def main() -> None:
         f"run={run}", "model=1m", "sequence_length=64", "seed=0", "train.num_workers=1", "train.precision.dtype=fp32",
         "train.batch.global_batch_tokens=4096", "train.eval.max_rows=128", "train.eval.samples=0",
         f"budgets={budgets}", f"sizes={args.sizes}", f"holdout={args.holdout}", "min_steps=16",
-        f"tokens_per_parameter={args.tokens_per_parameter}", "family.max_size=10", "bootstrap=200"]))
+        f"tokens_per_parameter={args.tokens_per_parameter}", f"family.width_step={args.width_step}",
+        "family.max_size=16", "bootstrap=200"]))
     wall = time.perf_counter() - started
     figures, holdout = manifest["figures"], manifest["figures"].get("holdout", {})
     print(json.dumps({

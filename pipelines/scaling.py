@@ -225,7 +225,11 @@ def fit(points: list[dict[str, Any]], config: Config, predict_at: list[float]) -
             print(f"scaling: warning: {err}", flush=True)
     result: dict[str, Any] = {"isoflops": [f.to_dict() for f in isoflops]}
     if len(isoflops) >= 2:
-        fitted = laws.fit_laws(isoflops)
+        try:
+            fitted = laws.fit_laws(isoflops)
+        except OverflowError as err:
+            print(f"scaling: warning: no power law through these minima ({err})", flush=True)
+            return result
         result["laws"] = fitted.to_dict()
         if config.bootstrap:
             result["bootstrap"] = laws.bootstrap({b: v for b, v in by_budget.items()

@@ -194,11 +194,15 @@ def run_trial(params: dict[str, Any], base: dict[str, Any] = None, run_uri: str 
     train = spec.train
     train = train.model_copy(update={
         "eval": train.eval.model_copy(update={"every_steps": every, "samples": 0}),
-        "checkpoint": train.checkpoint.model_copy(update={"every_steps": every, "keep": 1, "export_weights": False}),
+        # Checkpoints as the config says (the last step's always), without a weights export: the best
+        # trial's recipe re-runs it. Evaluations in between reach Tune without one (report_evaluations).
+        "checkpoint": train.checkpoint.model_copy(update={
+            "every_steps": every * max(1, round(train.checkpoint.every_steps / every)),  # on evaluation steps
+            "keep": 1, "export_weights": False}),
         "log_every": plan.total_steps,
     })
     run = RunDir(run_uri)
-    spec = replace(spec, train=train, task=replace(spec.task, name=f"trial {trial_id}"),
+    spec = replace(spec, train=train, task=replace(spec.task, name=f"trial {trial_id}"), report_evaluations=True,
                    out_dir=str(run.working_path(stage, TRIALS_DIR, trial_id)),
                    publish_uri=None if run.is_local else run.uri_of(stage, TRIALS_DIR, trial_id))
     plan_fields = {"parameters": plan.num_parameters, "total_steps": plan.total_steps,

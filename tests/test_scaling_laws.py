@@ -76,3 +76,14 @@ def test_a_flat_profile_is_flagged():
     assert fit.at_edge
     with pytest.raises(ValueError, match="3 model sizes"):
         fit_isoflop(1e15, [1e6, 1e6, 2e6], [3.0, 2.9, 2.8])
+
+
+def test_bootstrap_survives_profiles_without_a_minimum():
+    from pipelines.tuning.laws import bootstrap
+
+    # Losses still falling at the smallest size (as a sweep centred too large gives): resamples whose
+    # parabola opens downwards are skipped, not fatal.
+    points = {1e11: ([5e4, 1e5, 3e5, 5e5], [5.2, 5.6, 5.9, 5.8]), 3e11: ([5e4, 1e5, 3e5, 7e5], [4.5, 4.9, 5.3, 5.6]),
+              1e12: ([1e5, 3e5, 5e5, 1.4e6], [4.0, 5.1, 5.0, 5.7])}
+    spread = bootstrap(points, samples=100, seed=0)
+    assert spread["samples"] <= 100

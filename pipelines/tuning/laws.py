@@ -55,6 +55,8 @@ def fit_isoflop(budget: float, n: Sequence[float], loss: Sequence[float]) -> Iso
 def power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """(exponent, coefficient) of y = coefficient·x^exponent, least squares in log-log."""
     exponent, intercept = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    if not -700 < intercept < 700:
+        raise OverflowError(f"power law with coefficient e^{intercept:.3g}")
     return float(exponent), float(math.exp(intercept))
 
 
@@ -110,7 +112,9 @@ def bootstrap(points: dict[float, tuple[Sequence[float], Sequence[float]]], samp
             fits = [fit_isoflop(budget, n, fitted + rng.choice(resid, size=len(resid), replace=True))
                     for budget, (n, fitted, resid) in base.items()]
             laws = fit_laws(fits)
-        except (ValueError, np.linalg.LinAlgError):
+        except (ValueError, OverflowError, np.linalg.LinAlgError):  # a degenerate resample: skip it
+            continue
+        if not all(math.isfinite(v) for v in (laws.a, laws.b, laws.c)):
             continue
         draws["a"].append(laws.a)
         draws["b"].append(laws.b)
