@@ -6,7 +6,7 @@
 #   cluster/submit.sh [--address ADDR] status JOB_ID | stop JOB_ID | list
 #
 # STAGE: data, pretrain, serve, prefs (as in `prefs export`), quickstart, or a later stage
-#        (tune, sft, reward, ppo, evaluate). Everything after STAGE goes to `groundup STAGE` unchanged.
+#        (tune, scaling, sft, reward, ppo, evaluate). Everything after STAGE goes to `groundup STAGE` unchanged.
 # options:
 #   --address ADDR      the cluster: GCS address (host:6379) or job server (http://host:8265);
 #                       default: $RAY_ADDRESS
@@ -23,7 +23,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-STAGES=" data pretrain serve prefs quickstart tune sft reward ppo evaluate "
+STAGES=" data pretrain serve prefs quickstart tune scaling sft reward ppo evaluate "
 
 usage() {
   [[ $# -gt 0 ]] && echo "submit.sh: $*" >&2

@@ -39,6 +39,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("quickstart", "pipelines.quickstart", "run every stage that exists on the built-in corpus"),
     Stage("data", "pipelines.data.stage", "clean, deduplicate and tokenize corpora (Ray Data)"),
     Stage("pretrain", "pipelines.pretrain", "pretrain the decoder on packed shards (Ray Train + DeepSpeed)"),
+    Stage("tune", "pipelines.tune", "search pretraining hyper-parameters at equal compute (Ray Tune + ASHA)"),
+    Stage("scaling", "pipelines.scaling", "IsoFLOP sweeps and fitted scaling laws (`scaling predict` sizes a model)"),
+    Stage("scaling predict", "pipelines.scaling_predict", "the model, tokens and loss the fitted laws give a budget"),
     Stage("sft", "pipelines.sft", "supervised fine-tuning on conversations (Ray Train + DeepSpeed)"),
     Stage("reward", "pipelines.reward", "train a reward model on preference pairs (Ray Train + DeepSpeed)"),
     Stage("dpo", "pipelines.dpo", "direct preference optimisation against a frozen reference"),
@@ -66,6 +69,8 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
             continue
         words = stage.command.split()
         target = commands
+        if len(words) == 2 and any(s.command == words[0] for s in stages):
+            continue  # "scaling predict" beside the stage "scaling": main() picks it from the next word
         if len(words) == 2:
             if words[0] not in groups:
                 group_parser = commands.add_parser(words[0], help=f"{words[0]} commands")
@@ -138,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv)  # prints the "invalid choice" error and exits 2
         return 2
     stage_argv = argv[len(args.stage.command.split()):]
+    nested = next((s for s in STAGES if stage_argv and s.command == f"{args.stage.command} {stage_argv[0]}"), None)
+    if nested is not None and _available(nested):  # e.g. "scaling predict" beside the stage "scaling"
+        args.stage, stage_argv = nested, stage_argv[1:]
     try:
         run_stage(args.stage.command, stage_argv)
     except ConfigError as err:

@@ -39,7 +39,8 @@ class Config(StageConfig):
 
 CLI_FLAGS = (
     Flag(("--run",), "run", "run directory holding data/ (outputs go to <run>/pretrain/)"),
-    Flag(("--model",), "model", "model preset: 1m, 10m, 125m, 350m, 1.3b"),
+    Flag(("--model",), "model", "model preset: 1m, 10m, 125m, 350m, 1.3b, or auto (sized from --flops by the "
+         "run's fitted scaling laws: groundup scaling)"),
     Flag(("--seed",), "seed", "seed for initial weights and data order", {"type": int}),
     Flag(("--workers",), "train.num_workers", "Ray Train workers", {"type": int}),
     Flag(("--steps",), "train.length.steps", "train for this many optimizer steps", {"type": int}),
@@ -158,6 +159,9 @@ def prepare(config: Config):
     from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
 
+    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
+
+    config = resolve_budget(config)
     if config.model not in PRESETS:
         raise ConfigError(f"config field 'model': unknown preset {config.model!r} (choose {', '.join(PRESETS)})")
     run = RunDir(config.run)
@@ -202,6 +206,9 @@ def run(config: Config) -> dict[str, Any]:
     from pipelines.train.stage import TrainingJob, check_resume, run_training
 
     started = time.time()
+    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
+
+    config = resolve_budget(config, warn=True)
     check_resume(config, STAGE)
     spec, model_config, data, use_gpu = prepare(config)
     plan, task = spec.plan, spec.task

@@ -23,12 +23,36 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     from pipelines import console  # Ray's own messages: to <run>/logs/<command>.log unless --verbose
 
     kwargs: dict = {"log_to_driver": True, **console.ray_init_logging()}
-    if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
+    starts_local = os.environ.get("RAY_ADDRESS", "") in ("", "local")
+    if starts_local and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = os.environ.get("GROUNDUP_RAY_DASHBOARD", "0") == "1"
+    if starts_local:
+        kwargs.update(dashboard_kwargs())
     ray.init(**kwargs)
     console.after_ray_init()
+
+
+def dashboard_kwargs() -> dict:
+    """Start a local cluster's dashboard (its State API) on a free port, and name that port to every
+    process the cluster starts (``RAY_API_SERVER_ADDRESS``, inherited from this environment).
+
+    Ray Train's ``PlacementGroupCleaner`` frees a stopped run's workers (a Tune trial ended by ASHA) only
+    after the State API says the run's controller is dead: with the dashboard off, or with an address
+    that resolves to another cluster on the same machine (``RAY_ADDRESS=local``, /tmp/ray's latest
+    cluster), that query fails forever and the workers' placement group leaks.
+    ``GROUNDUP_RAY_DASHBOARD=0`` turns it off.
+    """
+    if os.environ.get("GROUNDUP_RAY_DASHBOARD", "1") != "1":
+        return {"include_dashboard": False}
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_cluster_reachable(timeout_s: float = CONNECT_TIMEOUT_S) -> None:

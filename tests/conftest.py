@@ -53,13 +53,18 @@ def ray_cluster(object_store):
     import ray
     from ray.cluster_utils import Cluster
 
+    from pipelines.ray_env import dashboard_kwargs
+
+    # The dashboard (State API) is on, at an address every process of the cluster inherits: Ray Train
+    # frees a stopped Tune trial's workers only once the State API answers (see ray_env.dashboard_kwargs).
+    # No RAY_ADDRESS while the nodes start, so none of their workers inherits one naming another cluster.
+    previous = os.environ.pop("RAY_ADDRESS", None)
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+        head_node_args={"num_cpus": 2, "resources": {"head": 1}, **dashboard_kwargs()},
     )
     cluster.add_node(num_cpus=2, resources={"worker_node": 1})
     cluster.wait_for_nodes()
-    previous = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address, log_to_driver=True)
     yield cluster

@@ -39,6 +39,7 @@ class LoopSpec:
     out_dir: str  # rank 0 writes metrics.jsonl and TensorBoard events here (a path on its node)
     seed: int
     publish_uri: str | None = None  # object-store run: rank 0 uploads out_dir's logs here at each checkpoint
+    report_evaluations: bool = False  # also report evaluations between checkpoints (a Tune trial: ASHA decides on them)
 
 
 def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
@@ -274,6 +275,10 @@ def _after_step(ctx: StepContext, task: Task, spec: LoopSpec, logger: MetricsLog
     if step % config.checkpoint.every_steps == 0 or step == stop_at:
         logger.flush()
         _report_checkpoint(ctx, task, spec, step, {**_scalars(last_train), **last_eval}, last_eval)
+    elif spec.report_evaluations and step % config.eval.every_steps == 0:
+        import ray.train
+
+        ray.train.report({**_scalars(last_train), **last_eval, "step": step})  # every rank: no checkpoint
     return last_eval
 
 

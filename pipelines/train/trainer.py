@@ -41,7 +41,8 @@ def decide_use_gpu(requested: bool | None, num_cpus: int | None = None) -> tuple
     return requested, True
 
 
-def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
+def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool, callbacks: list | None = None):
+    """``callbacks``: Ray Train ``UserCallback``s (a Tune trial passes one that forwards reports to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -55,6 +56,7 @@ def build_trainer(spec: LoopSpec, storage_path: str, name: str, use_gpu: bool):
         storage_path=storage_path,
         failure_config=FailureConfig(max_failures=config.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        callbacks=callbacks,
     )
     return TorchTrainer(
         train_worker,
