@@ -57,7 +57,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     train = [r for r in read_metrics(run / "ppo" / "metrics.jsonl") if r["kind"] == "train"]
     steady = train[1:] or train
-    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)
     rollout_tps = mean("time/generate_tokens_per_s")
     prompts = [p["prompt"] for p in builtin_prompts("train")[:args.prompts]]
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -4,7 +4,7 @@ checkpoint that serving and later stages load like any other.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -12,15 +12,22 @@ does not generate text. Pure PyTorch, no Ray.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _atomic_write, read_model_config,
-                              state_dict_for_saving)
+from model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    _atomic_write,
+    read_model_config,
+    state_dict_for_saving,
+)
 from model.config import ModelConfig
 from model.llama import Transformer
 from model.tokenizer import MODEL_FILE, Tokenizer
@@ -41,7 +48,7 @@ class RewardModel(nn.Module):
         return self.backbone.config
 
     @classmethod
-    def from_language_model(cls, model: Transformer) -> "RewardModel":
+    def from_language_model(cls, model: Transformer) -> RewardModel:
         """A reward model whose backbone starts from ``model``'s weights (SFT or pretraining)."""
         reward = cls(model.config)
         reward.backbone.load_state_dict(model.state_dict())

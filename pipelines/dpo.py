@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pipelines.cli import stage_main
-from pipelines.posttrain import LoraSettings, ModelSource, PostTrainConfig, add_reply_comparison, common_flags, epochs
+from pipelines.posttrain import (
+    LoraSettings,
+    ModelSource,
+    PostTrainConfig,
+    add_reply_comparison,
+    common_flags,
+    epochs,
+)
 from pipelines.preferences import PairBatch, PairBatches, prepare_pair_stage
 from pipelines.train.task import Figures, StepContext, TaskDefaults, TaskLoss
 

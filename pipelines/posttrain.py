@@ -4,9 +4,10 @@ only its Task (``pipelines/sft.py``, ``reward.py``, ``dpo.py``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -210,8 +211,9 @@ def load_examples(config: PostTrainConfig, parse: Callable[[Any], Any], key: Cal
 
 
 def _exists(uri: str) -> bool:
-    from pipelines.rundir import resolve_filesystem
     import pyarrow.fs as pafs
+
+    from pipelines.rundir import resolve_filesystem
 
     fs, path = resolve_filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,8 +30,15 @@ from pydantic import Field
 
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StrictModel
-from pipelines.posttrain import (ModelSource, PostTrainConfig, add_reply_comparison, common_flags, load_examples,
-                                 loop_spec, resolve_model)
+from pipelines.posttrain import (
+    ModelSource,
+    PostTrainConfig,
+    add_reply_comparison,
+    common_flags,
+    load_examples,
+    loop_spec,
+    resolve_model,
+)
 from pipelines.rundir import RunDir
 from pipelines.train.conversations import RowError, _messages
 from pipelines.train.data import BatchOrder
@@ -279,7 +287,7 @@ class PPOTask(TaskDefaults):
         generate_s = time.perf_counter() - started
         scores, rules = self._scores(ctx, prompts, encoded, completions)
         sequences = [p + c.sampled_ids for p, c in zip(encoded, completions)]
-        tokens, lengths = _pad(sequences)
+        tokens, _ = _pad(sequences)
         response = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
         for row, (p, c) in enumerate(zip(encoded, completions)):
             response[row, len(p) - 1:len(p) - 1 + len(c.sampled_ids)] = True

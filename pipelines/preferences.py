@@ -7,17 +7,36 @@ rejected rows of its pairs, padded together, so one forward pass scores both sid
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.posttrain import (ModelSource, PostTrainConfig, data_dir, describe_data, load_examples, loop_spec,
-                                 plan_training, require_examples, resolve_model, tokenize, write_rejects)
+from pipelines.posttrain import (
+    ModelSource,
+    PostTrainConfig,
+    data_dir,
+    describe_data,
+    load_examples,
+    loop_spec,
+    plan_training,
+    require_examples,
+    resolve_model,
+    tokenize,
+    write_rejects,
+)
 from pipelines.rundir import RunDir
-from pipelines.train.conversations import (PaddedBatch, Pair, TokenizedSequences, encode_reply, length_grouped,
-                                           pad_batch, parse_pair)
+from pipelines.train.conversations import (
+    PaddedBatch,
+    Pair,
+    TokenizedSequences,
+    encode_reply,
+    length_grouped,
+    pad_batch,
+    parse_pair,
+)
 from pipelines.train.data import BatchOrder
 
 

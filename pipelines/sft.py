@@ -19,12 +19,32 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cli import stage_main
-from pipelines.posttrain import (LoraSettings, ModelSource, PostTrainConfig, common_flags, data_dir, describe_data,
-                                 epochs, load_examples, loop_spec, plan_training, require_examples, resolve_model,
-                                 save_sequences, tokenize, write_rejects)
+from pipelines.posttrain import (
+    LoraSettings,
+    ModelSource,
+    PostTrainConfig,
+    common_flags,
+    data_dir,
+    describe_data,
+    epochs,
+    load_examples,
+    loop_spec,
+    plan_training,
+    require_examples,
+    resolve_model,
+    save_sequences,
+    tokenize,
+    write_rejects,
+)
 from pipelines.rundir import RunDir
-from pipelines.train.conversations import (PaddedBatch, TokenizedSequences, encode_conversation, length_grouped,
-                                           pad_batch, parse_conversation)
+from pipelines.train.conversations import (
+    PaddedBatch,
+    TokenizedSequences,
+    encode_conversation,
+    length_grouped,
+    pad_batch,
+    parse_conversation,
+)
 from pipelines.train.data import BatchOrder
 from pipelines.train.task import Figures, StepContext, TaskDefaults, TaskLoss
 
@@ -127,7 +147,7 @@ def prepare(config: Config, stage: str = STAGE, defaults: tuple[str, ...] = ("pr
     examples = load_examples(config, parse_conversation, key=lambda m: repr(m), builtin=builtin_conversations,
                              builtin_name="builtin:instructions")
     tokenizer = source.load_tokenizer()
-    encode = lambda messages: encode_conversation(tokenizer, messages, max_len)  # noqa: E731
+    encode = lambda messages: encode_conversation(tokenizer, messages, max_len)
     train = tokenize(examples.train, encode, examples.rejects, "train")
     validation = tokenize(examples.validation, encode, examples.rejects, "validation")
     require_examples(train, validation, examples.rejects, "conversation")

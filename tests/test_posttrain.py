@@ -38,7 +38,7 @@ def _build(module, run: Path, *overrides: str):
 def _assert_one_line_errors(cases: list[tuple[list[str], str]]) -> None:
     """Each command exits with status 2 and one line on stderr that names the culprit (``needle``)."""
     for argv, needle in cases:
-        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], check=False, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 2, (argv, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
@@ -160,7 +160,7 @@ def test_bad_rows_are_counted_set_aside_and_masked(base_run, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())  # a byte-order mark must not cost the first row
     run = tmp_path / "run"
-    spec, _, examples, _, (n_train, n_validation) = sft.prepare(_build(
+    _, _, examples, _, (n_train, n_validation) = sft.prepare(_build(
         sft, run, f"from={base_run / 'pretrain' / 'model'}", f"data=[{data}]", "validation_share=0.0",
         f"validation=[{data}]", "train.batch.global_batch_sequences=8"))
     assert dict(examples.rejects.counts) == {"not_a_conversation": 2, "unknown_role": 2, "no_assistant_turn": 2,
@@ -223,8 +223,8 @@ def test_reward_model_learns_the_rule_on_held_out_pairs(reward_run):
     figures = manifest["figures"]
     assert figures["val_accuracy"] >= 0.9, figures
     assert figures["start_val_accuracy"] < 0.75, figures
-    from model.reward import load_reward_model, reward_stats, score
     from model.checkpoint import CheckpointError, load_model, load_tokenizer
+    from model.reward import load_reward_model, reward_stats, score
 
     directory = run / "reward" / "model"
     stats = reward_stats(directory)
@@ -272,11 +272,11 @@ def test_votes_become_pairs_that_the_reward_stage_trains_on(sft_run, tmp_path):
                         "ranking": [[0], [1]], "rater": "tester"})
     cli = [sys.executable, "-m", "pipelines.cli"]
     exported = subprocess.run([*cli, "prefs", "export", "--run", str(fresh), "--database", str(database)],
-                              capture_output=True, text=True, timeout=300)
+                              check=False, capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-2000:]
     trained = subprocess.run([*cli, "reward", "--run", str(fresh), *COMMON, "train.length.steps=2",
                               "train.batch.global_batch_sequences=4", "train.eval.max_rows=8"],
-                             capture_output=True, text=True, timeout=600)
+                             check=False, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     manifest = json.loads((fresh / "reward" / "manifest.json").read_text())
     assert manifest["inputs"]["pairs"][0].endswith("prefs/train.jsonl")
@@ -329,7 +329,7 @@ def test_ppo_raises_the_reward_with_bounded_kl(reward_run):
     assert figures["val_kl"] <= 5.0, figures
     train = [r for r in _ppo_records(run) if r["kind"] == "train"]
     first, last = train[:3], train[-3:]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     assert mean(last, "objective/rlhf_reward") > mean(first, "objective/rlhf_reward")
     for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",

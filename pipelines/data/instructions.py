@@ -17,9 +17,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 from pipelines.data.builtin import _module_name, parse_module, stdlib_files, stdlib_root
 

@@ -53,7 +53,7 @@ class LengthConfig(StrictModel):
     tokens_per_parameter: float | None = Field(None, gt=0, description="e.g. 20 for Chinchilla-optimal")
 
     @model_validator(mode="after")
-    def _one_given(self) -> "LengthConfig":
+    def _one_given(self) -> LengthConfig:
         if not any(v is not None for v in (self.steps, self.tokens, self.flops, self.tokens_per_parameter)):
             raise ValueError("give one of steps, tokens, flops, tokens_per_parameter")
         return self

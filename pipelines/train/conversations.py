@@ -22,9 +22,10 @@ import gzip
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,7 +231,7 @@ class TokenizedSequences:
         self.prefix, self._arrays = state["prefix"], None
 
     @staticmethod
-    def write(prefix: Path, sequences: Sequence[tuple[Sequence[int], Sequence[bool]]]) -> "TokenizedSequences":
+    def write(prefix: Path, sequences: Sequence[tuple[Sequence[int], Sequence[bool]]]) -> TokenizedSequences:
         lengths = np.array([len(ids) for ids, _ in sequences], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         ids = np.fromiter((t for s, _ in sequences for t in s), dtype=np.int32, count=int(offsets[-1]))

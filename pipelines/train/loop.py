@@ -19,8 +19,12 @@ from typing import Any
 
 import torch
 
-from pipelines.train.checkpoint import (EXPORT_DIR, gather_full_state_dict, load_training_state,
-                                        save_training_state)
+from pipelines.train.checkpoint import (
+    EXPORT_DIR,
+    gather_full_state_dict,
+    load_training_state,
+    save_training_state,
+)
 from pipelines.train.config import TrainConfig
 from pipelines.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, say
 from pipelines.train.plan import TrainPlan
@@ -114,7 +118,7 @@ def evaluate(ctx: StepContext, task: Task, rank: int, world: int, micro: int) ->
     return task.eval_summary(reduce_figures(totals, ctx.device))
 
 
-def _frozen_engine(model: Any, spec: "LoopSpec", device: torch.device):
+def _frozen_engine(model: Any, spec: LoopSpec, device: torch.device):
     """A model used without gradients (DPO's reference; a dict of them for PPO). Under ZeRO-3 it is an
     optimizer-less DeepSpeed engine, so its weights are sharded like the trained model's; otherwise a
     plain module on the device."""

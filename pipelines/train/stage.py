@@ -8,9 +8,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipelines.rundir import RunDir, download, new_manifest, remove, upload
 from pipelines.train.loop import LoopSpec

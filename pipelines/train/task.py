@@ -10,9 +10,10 @@ instead is biased whenever the count varies (assistant masks, padding, uneven pa
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
