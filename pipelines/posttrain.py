@@ -171,11 +171,10 @@ class Examples:
 
 
 def load_examples(config: PostTrainConfig, parse: Callable[[Any], Any], key: Callable[[Any], str],
-                  builtin: Callable[[str], list[dict]], builtin_name: str,
-                  default_inputs: Sequence[str] = ()) -> Examples:
-    """Parse every row of the inputs (``config.data``, else ``default_inputs`` that exist, else the
-    built-in set); bad rows are counted and kept for ``rejects.jsonl``. Validation: ``config.validation``
-    files, else a share held out by content hash (the built-in set has its own split)."""
+                  builtin: Callable[[str], list[dict]], builtin_name: str) -> Examples:
+    """Parse every row of the inputs (``config.data``, else the built-in set); bad rows are counted and
+    kept for ``rejects.jsonl``. Validation: ``config.validation`` files, else a share held out by content
+    hash (the built-in set has its own split)."""
     from pipelines.train.conversations import split_for_validation
 
     rejects = Rejects()
@@ -189,7 +188,7 @@ def load_examples(config: PostTrainConfig, parse: Callable[[Any], Any], key: Cal
                 rejects.add(where, err, row)
         return good
 
-    inputs = list(config.data) or [u for u in default_inputs if _exists(u)]
+    inputs = list(config.data)
     if not inputs:
         train_rows, validation_rows = [], []
         for split, target in (("train", train_rows), ("validation", validation_rows)):
@@ -208,15 +207,6 @@ def load_examples(config: PostTrainConfig, parse: Callable[[Any], Any], key: Cal
         train = [e for e, h in zip(everything, held) if not h]
         validation = [e for e, h in zip(everything, held) if h]
     return Examples(train, validation, rejects, [*inputs, *config.validation])
-
-
-def _exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    from pipelines.rundir import resolve_filesystem
-
-    fs, path = resolve_filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def tokenize(examples: Sequence[Any], encode: Callable[[Any], Any], rejects: Rejects, split: str) -> list[Any]:
