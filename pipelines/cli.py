@@ -41,6 +41,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pipelines.pretrain", "pretrain the decoder on packed shards (Ray Train + DeepSpeed)"),
     Stage("serve", "serving.app", "serve models behind an OpenAI-compatible API with the rating UI"),
     Stage("prefs export", "ui.export", "export stored votes as preference pairs for reward modelling"),
+    Stage("export", "pipelines.export", "convert a checkpoint to Hugging Face's Llama layout (or back with --from-hf)"),
+    Stage("evaluate", "pipelines.evaluate", "score every model of a run: bits per byte, lm-eval tasks, win rates"),
 )
 
 
@@ -85,7 +87,10 @@ def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for flag in getattr(module, "CLI_FLAGS", ()):
         sub.add_argument(*flag.names, dest=flag.dest, help=flag.help, default=None, **flag.kwargs)
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
+    positionals = [name.upper() for name in getattr(module, "POSITIONALS", ())]
+    sub.add_argument("overrides", nargs="*", metavar=" ".join([*positionals, "key=value"]),
+                     help=f"{', '.join(positionals)}, then config field overrides" if positionals
+                     else "config field overrides")
     return sub
 
 
@@ -96,9 +101,17 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     """
     stage = next(s for s in STAGES if s.command == command)
     module = importlib.import_module(stage.module)
-    parsed = stage_parser(stage, module).parse_args(list(argv))
+    positionals = getattr(module, "POSITIONALS", ())  # e.g. `groundup export MODEL_DIR OUT`
+    parser = stage_parser(stage, module)
+    parsed = parser.parse_intermixed_args(list(argv)) if positionals else parser.parse_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
     values = {f.dest: getattr(parsed, f.dest) for f in flags if getattr(parsed, f.dest) is not None}
+    if positionals:  # plain words (no key=value) fill the module's positional fields in order
+        words = [item for item in parsed.overrides if "=" not in item]
+        if len(words) > len(positionals):
+            raise ConfigError(f"unexpected argument {words[len(positionals)]!r} (takes {', '.join(positionals).upper()})")
+        values.update(zip(positionals, words))
+        parsed.overrides = [item for item in parsed.overrides if "=" in item]
     config = build_config(module.Config, parsed.config, parsed.overrides, values)
     if parsed.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
