@@ -58,3 +58,183 @@ def test_export_to_hugging_face_and_back_from_the_cli(serving_checkpoint, tmp_pa
     one_error_line(groundup("export", str(hf_dir), str(tmp_path / "w")), "--from-hf")
     one_error_line(groundup("export", str(serving_checkpoint)), "'output'")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+# ---- groundup evaluate -----------------------------------------------------------------------------
+def evaluate_config(run, *overrides: str):
+    from pipelines.config import build_config
+    from pipelines.evaluate import Config
+
+    return build_config(Config, overrides=[f"run={run}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(pretrained_run, serving_checkpoint, tmp_path_factory):
+    """The pretrained run evaluated as a Ray job: its own model plus an untrained one with another
+    tokenizer (``--model random=...``), on validation, a built-in task and a text corpus."""
+    from pipelines.evaluate import run
+
+    run_dir, _ = pretrained_run
+    corpus = tmp_path_factory.mktemp("corpus") / "book.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "The quick brown fox jumps over the lazy dog. " * 12, "Return the sum of two numbers, as a float. " * 8)))
+    config = evaluate_config(run_dir, f"models=[random={serving_checkpoint}]", "tasks=[validation,docstring_mc]",
+                             f"text=[{corpus}]", "limit=6", "task_examples=12", "batch_size=8", "cpus_per_task=0.5")
+    return run_dir, run(config)
+
+
+def test_evaluate_bits_per_byte_equals_the_training_stage_figure(pretrained_run, evaluated_run):
+    run_dir, manifest = evaluated_run
+    trained = pretrained_run[1]["figures"]
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    validation = results["results"]["pretrain"]["validation"]["metrics"]
+    assert validation["bits_per_byte"]["value"] == pytest.approx(trained["val_bits_per_byte"], abs=1e-3)
+    assert validation["perplexity"]["value"] == pytest.approx(trained["val_perplexity"], rel=1e-3)
+    assert validation["rows"]["value"] == 16  # the rows the training stage evaluated
+    assert validation["bits_per_byte"]["stderr"] > 0
+    # A model with another tokenizer is scored on the decoded text: still bits per byte, comparable.
+    other = results["results"]["random"]["validation"]["metrics"]
+    assert "decoded text" in other["method"]["value"]
+    assert other["bits_per_byte"]["value"] > validation["bits_per_byte"]["value"]  # untrained vs trained
+    assert manifest["figures"]["pretrain"]["validation"]["bits_per_byte"] == validation["bits_per_byte"]["value"]
+
+
+def test_evaluate_report_lists_every_model_and_task(evaluated_run):
+    run_dir, manifest = evaluated_run
+    out = run_dir / "evaluate"
+    results = json.loads((out / "results.json").read_text())
+    tasks = {"validation", "docstring_mc", "text:book"}
+    assert set(results["models"]) == {"pretrain", "random"}
+    assert set(results["tasks"]) == tasks
+    for model in ("pretrain", "random"):
+        assert set(results["results"][model]) == tasks
+        for task in tasks:
+            entry = results["results"][model][task]
+            assert "error" not in entry, entry
+        mc = results["results"][model]["docstring_mc"]["metrics"]
+        assert 0 <= mc["acc"]["value"] <= 1 and mc["acc"]["stderr"] is not None and "acc_norm" in mc
+        text = results["results"][model]["text:book"]["metrics"]
+        assert text["bits_per_byte"]["value"] > 0 and text["documents"]["value"] == 2
+    assert results["tasks"]["docstring_mc"]["contamination"]["examples"] == 12
+    report = (out / "report.md").read_text()
+    for name in ("pretrain", "random", "## validation", "## docstring_mc", "## text:book", "Decontamination"):
+        assert name in report
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tasks" / "docstring_mc" / "docstring_mc.yaml").is_file()
+    assert manifest["counts"] == {"models": 2, "tasks": 3, "units": 6, "failed": 0}
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "evaluate"
+
+
+def test_evaluate_rejects_bad_input_in_one_line(pretrained_run, tmp_path):
+    run_dir, _ = pretrained_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: bad\noutput_type: multiple_choice\ndataset_path: json\n"
+                   "dataset_kwargs: {data_files: {test: missing.jsonl}}\ndoc_to_text: q\ndoc_to_choice: c\n"
+                   "doc_to_target: 0\n")
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("task: wrong\noutput_type: essay\ndataset_path: json\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: [unclosed\n")
+    for args, needles in (
+        (("--tasks", "no_such_task"), ("unknown task 'no_such_task'",)),
+        (("--tasks", str(bad)), (str(bad), "dataset_kwargs.data_files.test", "missing.jsonl")),
+        (("--tasks", str(wrong_type)), ("'output_type'",)),
+        (("--tasks", str(broken)), (str(broken), "not valid YAML")),
+        (("--tasks", "docstring_mc", "--model", f"x={tmp_path}"), (f"x={tmp_path}", "not a model")),
+        (("--tasks", "docstring_mc", "--text", str(tmp_path / "none.txt")), ("none.txt", "not found")),
+    ):
+        one_error_line(groundup("evaluate", "--run", str(run_dir), *args), *needles)
+    assert not (tmp_path / "evaluate").exists()
+
+
+# ---- lm-eval tasks: a planted answer ---------------------------------------------------------------
+COLOURS = ("red", "green", "blue", "yellow")
+PLANTED = [(f"{a}{b}", COLOURS[(i * 7 + 3) % 4]) for i, (a, b) in
+           enumerate((a, b) for a in ("zor", "quib", "flen", "brax", "mip", "tosk") for b in ("ald", "erm", "upo", "ix"))]
+
+
+def _planted_task(directory: Path) -> Path:
+    """A multiple-choice task in lm-eval's YAML format with local data: the colour of each made-up thing."""
+    data = directory / "planted.jsonl"
+    data.write_text("".join(json.dumps({"thing": thing, "answer": COLOURS.index(colour)}) + "\n"
+                            for thing, colour in PLANTED))
+    task = directory / "planted.yaml"
+    task.write_text(f"""task: planted_colours
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "The colour of the {{{{thing}}}} is"
+doc_to_choice: {json.dumps(list(COLOURS))}
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return task
+
+
+@pytest.fixture(scope="session")
+def planted_model(builtin_tokenizer, tmp_path_factory):
+    """A tiny model trained (a few hundred steps of plain PyTorch) on one sentence per planted fact."""
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.llama import Transformer, language_model_loss
+    from pipelines.evaluate.scorer import DOCUMENT_START
+
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size, max_seq_len=32))
+    rows = [[DOCUMENT_START, *builtin_tokenizer.encode(f"The colour of the {thing} is {colour}.")]
+            for thing, colour in PLANTED]
+    width = max(map(len, rows))
+    batch = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, :len(row)] = torch.tensor(row)
+    inputs = batch.clamp_min(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        loss = language_model_loss(model(inputs[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.02:
+            break
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("planted") / "model", builtin_tokenizer)
+
+
+def test_planted_answer_scores_one_when_trained_and_chance_when_random(planted_model, serving_checkpoint, tmp_path):
+    from pipelines.evaluate import run
+
+    task = _planted_task(tmp_path)
+    config = evaluate_config(tmp_path / "run", f"models=[planted={planted_model},random={serving_checkpoint}]",
+                             f"tasks=[{task}]", "in_process=true")
+    manifest = run(config)
+    assert manifest["figures"]["planted"]["planted_colours"]["acc"] == 1.0
+    assert manifest["figures"]["random"]["planted_colours"]["acc"] <= 0.5  # chance is 0.25 (24 examples)
+    results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
+    assert results["results"]["planted"]["planted_colours"]["examples"] == len(PLANTED)
+
+
+# ---- decontamination --------------------------------------------------------------------------------
+def test_contaminated_examples_are_flagged(builtin_data_dir):
+    from model.tokenizer import EOS_ID, Tokenizer
+    from pipelines.evaluate.contamination import TrainingNgrams, contamination
+    from pipelines.train.data import shards_from_manifest
+
+    manifest = json.loads((builtin_data_dir / "manifest.json").read_text())["outputs"]
+    tokenizer = Tokenizer.load(builtin_data_dir / manifest["tokenizer"])
+    shards = shards_from_manifest(str(builtin_data_dir), manifest["splits"]["train"], manifest["sequence_length"])
+    ngrams = TrainingNgrams.from_shards(shards, tokenizer, n=13)
+    stream = shards.rows(list(range(200, 240))).reshape(-1).tolist()
+    start = stream.index(EOS_ID) + 1
+    copied = tokenizer.decode(stream[start:start + 600]).split("\n\n")
+    copied = next(p for p in copied if len(p.split()) >= 30)  # a passage of a training document
+    examples = ["Which colour is the zorbald? It is a made-up thing that no document of the standard library "
+                "ever described, so its words are new.", f"Question: {copied} Answer: yes.",
+                "short example"]
+    found = contamination(examples, ngrams)
+    assert found["contaminated_ids"] == [1]
+    assert found["examples"] == 3 and found["ngram"] == 13
