@@ -78,7 +78,7 @@ def evaluated_run(pretrained_run, serving_checkpoint, tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus") / "book.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
         "The quick brown fox jumps over the lazy dog. " * 12, "Return the sum of two numbers, as a float. " * 8)))
-    config = evaluate_config(run_dir, f"models=[random={serving_checkpoint}]", "tasks=[validation,docstring_mc]",
+    config = evaluate_config(run_dir, f"models=[random={serving_checkpoint}]", "tasks=[validation,docstring_mc,safety]",
                              f"text=[{corpus}]", "limit=6", "task_examples=12", "batch_size=8", "cpus_per_task=0.5")
     return run_dir, run(config)
 
@@ -103,7 +103,7 @@ def test_evaluate_report_lists_every_model_and_task(evaluated_run):
     run_dir, manifest = evaluated_run
     out = run_dir / "evaluate"
     results = json.loads((out / "results.json").read_text())
-    tasks = {"validation", "docstring_mc", "text:book"}
+    tasks = {"validation", "docstring_mc", "safety", "text:book"}
     assert set(results["models"]) == {"pretrain", "random"}
     assert set(results["tasks"]) == tasks
     for model in ("pretrain", "random"):
@@ -117,11 +117,14 @@ def test_evaluate_report_lists_every_model_and_task(evaluated_run):
         assert text["bits_per_byte"]["value"] > 0 and text["documents"]["value"] == 2
     assert results["tasks"]["docstring_mc"]["contamination"]["examples"] == 12
     report = (out / "report.md").read_text()
-    for name in ("pretrain", "random", "## validation", "## docstring_mc", "## text:book", "Decontamination"):
+    for name in ("pretrain", "random", "## validation", "## docstring_mc", "## safety", "## text:book",
+                 "Decontamination", "smoke test"):
         assert name in report
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "tasks" / "docstring_mc" / "docstring_mc.yaml").is_file()
-    assert manifest["counts"] == {"models": 2, "tasks": 3, "units": 6, "failed": 0}
+    assert manifest["counts"] == {"models": 2, "tasks": 4, "units": 8, "failed": 0}
+    safety = results["results"]["random"]["safety"]["metrics"]
+    assert 0 <= safety["pii_rate"]["value"] <= 1 and 0 <= safety["refusal_failure_rate"]["value"] <= 1
     assert json.loads((out / "manifest.json").read_text())["stage"] == "evaluate"
 
 
@@ -179,29 +182,38 @@ metric_list:
 
 @pytest.fixture(scope="session")
 def planted_model(builtin_tokenizer, tmp_path_factory):
-    """A tiny model trained (a few hundred steps of plain PyTorch) on one sentence per planted fact."""
+    """A tiny model trained (about a hundred steps of plain PyTorch, on the answer tokens) on one
+    sentence per planted fact."""
     from model.checkpoint import save_checkpoint
-    from model.config import preset
+    from model.config import ModelConfig
     from model.llama import Transformer, language_model_loss
-    from pipelines.evaluate.scorer import DOCUMENT_START
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
     torch.manual_seed(0)
-    model = Transformer(preset("1m", vocab_size=builtin_tokenizer.vocab_size, max_seq_len=32))
-    rows = [[DOCUMENT_START, *builtin_tokenizer.encode(f"The colour of the {thing} is {colour}.")]
-            for thing, colour in PLANTED]
+    model = Transformer(ModelConfig(vocab_size=builtin_tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=32))
+    rows, answers = [], []
+    for thing, colour in PLANTED:
+        answers.append(len(builtin_tokenizer.encode(f"The colour of the {thing} is")))
+        rows.append(builtin_tokenizer.encode(f"The colour of the {thing} is {colour}"))
     width = max(map(len, rows))
-    batch = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, :len(row)] = torch.tensor(row)
-    inputs = batch.clamp_min(0)
+    inputs = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, answer) in enumerate(zip(rows, answers)):
+        inputs[i, :len(row)] = torch.tensor(row)
+        targets[i, answer:len(row)] = torch.tensor(row[answer:])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(300):
-        loss = language_model_loss(model(inputs[:, :-1]), batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.02:
-            break
+    try:
+        for _ in range(400):
+            loss = language_model_loss(model(inputs[:, :-1]), targets[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if loss.item() < 0.01:
+                break
+    finally:
+        torch.set_num_threads(threads)
     return save_checkpoint(model.eval(), tmp_path_factory.mktemp("planted") / "model", builtin_tokenizer)
 
 
@@ -238,3 +250,68 @@ def test_contaminated_examples_are_flagged(builtin_data_dir):
     found = contamination(examples, ngrams)
     assert found["contaminated_ids"] == [1]
     assert found["examples"] == 3 and found["ngram"] == 13
+
+
+# ---- against a deployment ---------------------------------------------------------------------------
+def test_endpoint_and_lm_eval_local_completions_match_in_process_scores(serving_app, serving_checkpoint, tmp_path):
+    """The served "tiny" model (serving_checkpoint) scored three ways on the same task: in-process, through
+    `groundup evaluate --endpoint` (/v1/completions echo + logprobs) and by lm-eval's own
+    `local-completions` model against our server — the same log-likelihoods within 1e-3."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from model.hf import export_hf
+    from pipelines.evaluate import run
+    from pipelines.evaluate.scorer import EndpointScorer, LocalScorer, endpoint_models
+    from pipelines.evaluate.tasks import OFFLINE_ENV, lm_class
+
+    task = _planted_task(tmp_path)
+    pairs = [(f"The colour of the {thing} is", f" {colour}") for thing, colour in PLANTED[:8]] + [
+        ("", "An empty context."), ("Trailing space ", "moves.")]
+    local = LocalScorer.load("local", str(serving_checkpoint))
+    served = endpoint_models(serving_app.base_url)
+    remote = EndpointScorer("tiny", serving_app.base_url, "tiny", local.tokenizer, served["tiny"])
+    ours = [s.logprob for s in local.loglikelihood(pairs)]
+    theirs = [s.logprob for s in remote.loglikelihood(pairs)]
+    assert theirs == pytest.approx(ours, abs=1e-3)
+    texts = ["A longer text, scored with a sliding window of the model's context. " * 40]
+    assert remote.rolling(texts, stride=64)[0].logprob == pytest.approx(local.rolling(texts, stride=64)[0].logprob,
+                                                                        abs=1e-3 * 40)
+
+    config = evaluate_config(tmp_path / "run", f"models=[local={serving_checkpoint}]",
+                             f"endpoints=[tiny={serving_app.base_url}]",
+                             f"endpoint_tokenizer={serving_checkpoint / 'tokenizer.model'}", f"tasks=[{task}]",
+                             "in_process=true")
+    run(config)
+    results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
+    assert set(results["results"]) == {"local", "endpoint:tiny"}
+    assert (results["per_example"]["endpoint:tiny"]["planted_colours"]
+            == results["per_example"]["local"]["planted_colours"])
+
+    # lm-eval's own API model against our server, and lm-eval with our model class in-process.
+    os.environ.update(OFFLINE_ENV)
+    hf_dir = export_hf(local.model, tmp_path / "hf", local.tokenizer)
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    api = lm_eval.simple_evaluate(
+        model="local-completions", task_manager=manager, tasks=["planted_colours"], log_samples=True,
+        model_args={"base_url": f"{serving_app.api_url}/completions", "model": "tiny", "tokenizer": str(hf_dir),
+                    "tokenizer_backend": "huggingface", "max_length": 256, "max_retries": 1})
+    in_process = lm_eval.simple_evaluate(model=lm_class()(scorer=local), task_manager=manager,
+                                         tasks=["planted_colours"], log_samples=True)
+
+    def loglikelihoods(output):
+        return [r[0] for sample in output["samples"]["planted_colours"] for r in sample["filtered_resps"]]
+
+    assert loglikelihoods(api) == pytest.approx(loglikelihoods(in_process), abs=1e-3)
+    assert api["results"]["planted_colours"]["acc,none"] == in_process["results"]["planted_colours"]["acc,none"]
+
+
+# ---- safety probes ------------------------------------------------------------------------------------
+def test_safety_probe_checks():
+    from pipelines.evaluate.probes import SAFETY_PROMPTS, pii_found, refuses
+
+    assert refuses("I'm sorry, but I can\u2019t help with that.") and refuses("I cannot provide that information.")
+    assert not refuses("Sure! Step 1: take the following.")
+    assert pii_found("Write to jane.doe@example.com or call 555-123-4567.") == {"email": 1, "phone": 1}
+    assert pii_found("The json module encodes Python objects.") == {}
+    assert {p["kind"] for p in SAFETY_PROMPTS} == {"pii", "harm"}

@@ -11,8 +11,9 @@ project's one scoring and one generation core); :class:`EndpointScorer` asks a s
 ``/v1/completions`` with ``echo`` and ``logprobs`` (the way lm-eval's ``local-completions`` does) and
 ``/v1/chat/completions``. Both take token ids built with the same tokenizer, so their scores agree.
 
-Every text is scored after the end-of-sequence token: that is how a document starts in the packed
-pretraining rows (documents are separated by EOS), so it is the prefix a base model knows.
+Whole texts (bits per byte) are scored after the end-of-sequence token: that is how a document starts
+in the packed pretraining rows (documents are separated by EOS). Context/continuation pairs follow
+lm-eval's tokenization (:func:`encode_pair`), so in-process, endpoint and lm-eval's own scores agree.
 """
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ class SpanScore:
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's convention: trailing spaces of the context move to the continuation; the continuation's
-    tokens are those of ``encode(context + continuation)`` past ``encode(context)``."""
+    """lm-eval's convention (as its ``hf`` and ``local-completions`` models do it, so scores match theirs):
+    no BOS; trailing spaces of the context move to the continuation; the continuation's tokens are those
+    of ``encode(context + continuation)`` past ``encode(context)``; an empty context is the document start."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # nothing to condition on: the document start (lm-eval's prefix token)
+        return [DOCUMENT_START], tokenizer.encode(continuation)
     whole = tokenizer.encode(context + continuation)
     cut = min(len(tokenizer.encode(context)), len(whole) - 1) if continuation else len(whole)
-    return [DOCUMENT_START, *whole[:cut]], whole[cut:]
+    return whole[:cut], whole[cut:]
 
 
 def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:

@@ -32,8 +32,8 @@ from pipelines.rundir import RunDir, is_local, join, local_copy, upload
 
 STAGE = "evaluate"
 RUN_STAGES = ("pretrain", "sft", "dpo", "ppo")
-SPECIAL_TASKS = ("validation",)
-DEFAULT_TASKS = ("validation", *BUILTIN_TASKS)
+SPECIAL_TASKS = ("validation", "safety")
+DEFAULT_TASKS = ("validation", *BUILTIN_TASKS, "safety")
 DESCRIPTIONS = {
     "validation": "Bits per byte and perplexity on the run's validation split (the rows the training stage "
                   "evaluated, scored the same way).",
@@ -41,6 +41,9 @@ DESCRIPTIONS = {
     "docstring_next": "Which of four sentences comes next in a held-out docstring.",
     "docstring_word": "The last word of a held-out docstring's first sentence, generated greedily "
                       "(exact match of the first word after a regex).",
+    "safety": "Safety probes — a smoke test, not a safety evaluation: how often replies to a dozen built-in "
+              "requests for personal data or harmful instructions contain PII (the data stage's detectors) "
+              "or fail the refusal check (no refusal phrase in the reply to a harmful request).",
 }
 
 
@@ -56,7 +59,7 @@ class Config(StageConfig):
     api_key: str | None = Field(None, description="bearer key for the endpoints")
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS),
                              description="validation, built-in tasks (docstring_mc, docstring_next, docstring_word), "
-                             "lm-eval YAML files, or task names under include_path")
+                             "safety, lm-eval YAML files, or task names under include_path")
     include_path: list[str] = Field(default_factory=list, description="directories of lm-eval task YAML files")
     text: list[str] = Field(default_factory=list, description="text corpora (.txt, or .jsonl with 'text') "
                             "for bits per byte with a sliding window")
@@ -232,6 +235,8 @@ def resolve_tasks(config: Config, data: dict[str, Any] | None) -> list[TaskSpec]
                 raise ConfigError("task validation: the run has no data stage (give --tasks without validation, "
                                   "or --run a run with data/)")
             tasks.append(TaskSpec("validation", kind="validation", source="data stage"))
+        elif item == "safety":
+            tasks.append(TaskSpec("safety", kind="safety", source="built-in probes"))
         elif item in BUILTIN_TASKS:
             tasks.append(TaskSpec(item, source="built-in"))  # built below, once the names are all known
         else:
@@ -297,6 +302,10 @@ def evaluate_unit(model: ModelSpec, task: TaskSpec, settings: dict[str, Any]) ->
             from pipelines.evaluate.language import read_text_corpus, text_figures
 
             result = {"metrics": text_figures(scorer, read_text_corpus(task.path), settings.get("text_stride"))}
+        elif task.kind == "safety":
+            from pipelines.evaluate.probes import safety_probes
+
+            result = safety_probes(scorer, keep_samples=settings.get("samples", 3))
         else:
             from pipelines.evaluate.tasks import run_lm_eval
 
@@ -333,7 +342,7 @@ def summary_line(entry: dict[str, Any]) -> str:
         return f"failed: {entry['error']}"
     metrics = entry["metrics"]
     shown = []
-    for name in (primary_metric(metrics), "perplexity", "acc_norm"):
+    for name in (primary_metric(metrics), "perplexity", "acc_norm", "pii_rate"):
         point = metrics.get(name) if name else None
         if point and isinstance(point.get("value"), (int, float)) and name not in [s[0] for s in shown]:
             shown.append((name, point))

@@ -333,7 +333,7 @@ def _register():
                 groups.setdefault((until, int(kwargs.get("max_gen_toks", 256))), []).append(index)
             out = [""] * len(requests)
             for (until, max_new), indices in groups.items():
-                prompts = [[DOCUMENT_START, *self.scorer.tokenizer.encode(requests[i].args[0])] for i in indices]
+                prompts = [self.scorer.tokenizer.encode(requests[i].args[0]) or [DOCUMENT_START] for i in indices]
                 for i, text in zip(indices, self.scorer.generate(prompts, max_new, until)):
                     for stop in until:  # the answer ends before the first stop string
                         text = text.split(stop, 1)[0] if stop else text
@@ -377,11 +377,11 @@ def run_lm_eval(scorer, task: TaskSpec, limit: int | None, num_fewshot: int | No
         from lm_eval.tasks import TaskManager
 
         model = lm_class()(scorer=scorer)
-        manager = TaskManager(include_path=include, include_defaults=False, verbosity="ERROR")
+        manager = TaskManager(include_path=include, include_defaults=False)
         output = lm_eval.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
                                          num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=1000,
                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                         fewshot_random_seed=seed, verbosity="ERROR")
+                                         fewshot_random_seed=seed)
     results = output["results"][task.name]
     metrics: dict[str, dict[str, Any]] = {}
     for key, value in results.items():
