@@ -48,6 +48,7 @@ def bare_loop(run: Path, steps: int, threads: int) -> dict:
     fp32 master weights, bf16 autocast, torch AdamW, gradient clipping and the same LR schedule."""
     from pipelines.pretrain import prepare
     from pipelines.train.schedule import make_schedule
+    from pipelines.train.task import StepContext
 
     torch.set_num_threads(threads)
     spec, _, _, _ = prepare(pretrain_config(run, "train.num_workers=1"))
@@ -64,7 +65,7 @@ def bare_loop(run: Path, steps: int, threads: int) -> dict:
         total = 0.0
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = task.loss(model, batch, torch.device("cpu"))
+                loss = task.loss(StepContext(model, None, torch.device("cpu")), batch).total / task.count(batch)
             (loss / len(batches)).backward()
             total += float(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)

@@ -55,6 +55,16 @@ def save_checkpoint(model: Transformer, directory: str | Path, tokenizer: Tokeni
 
 
 def read_config(directory: str | Path) -> ModelConfig:
+    """The config of a language-model checkpoint (a reward model's directory is refused: it scores, it
+    does not generate)."""
+    if (Path(directory) / "reward.json").is_file():
+        raise CheckpointError(f"checkpoint {directory}: a reward model (it scores replies and cannot generate); "
+                              "load it with model.reward.load_reward_model")
+    return read_model_config(directory)
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of any checkpoint directory of ours (language or reward model)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory}: no {CONFIG_FILE} (missing or incomplete)")

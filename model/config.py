@@ -34,6 +34,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         return self
 
+    def get(self, key: str, default=None):
+        """Dict-style lookup with Hugging Face's names, for libraries that read a model's config that way
+        (peft asks for ``tie_word_embeddings`` before merging adapters)."""
+        return getattr(self, {"tie_word_embeddings": "tie_embeddings"}.get(key, key), default)
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads

@@ -203,6 +203,22 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, layer_cache, rows, positions if cache is not None else None, span)
         return self.output(self.norm(x))
 
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch, time] -> the final normalised hidden states [batch, time, dim]: what a head other
+        than the language-model output reads (the reward model's score, PPO's value)."""
+        batch, time = tokens.shape
+        if time > self.config.max_seq_len:
+            raise ValueError(f"sequence of {time} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        positions = torch.arange(time, device=tokens.device).expand(batch, time)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.norm(x)
+
 
 IGNORE_INDEX = -100
 

@@ -39,6 +39,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("quickstart", "pipelines.quickstart", "run every stage that exists on the built-in corpus"),
     Stage("data", "pipelines.data.stage", "clean, deduplicate and tokenize corpora (Ray Data)"),
     Stage("pretrain", "pipelines.pretrain", "pretrain the decoder on packed shards (Ray Train + DeepSpeed)"),
+    Stage("sft", "pipelines.sft", "supervised fine-tuning on conversations (Ray Train + DeepSpeed)"),
+    Stage("reward", "pipelines.reward", "train a reward model on preference pairs (Ray Train + DeepSpeed)"),
+    Stage("dpo", "pipelines.dpo", "direct preference optimisation against a frozen reference"),
+    Stage("ppo", "pipelines.ppo", "PPO / GRPO / RLOO from a reward model and reward functions"),
     Stage("serve", "serving.app", "serve models behind an OpenAI-compatible API with the rating UI"),
     Stage("prefs export", "ui.export", "export stored votes as preference pairs for reward modelling"),
     Stage("export", "pipelines.export", "convert a checkpoint to Hugging Face's Llama layout (or back with --from-hf)"),
@@ -76,6 +80,7 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
         sub.set_defaults(stage=stage)
         sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        sub.add_argument("--verbose", action="store_true", help="show Ray's own messages on the console")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return parser
 
@@ -85,6 +90,8 @@ def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
     sub = _Parser(prog=f"groundup {stage.command}", description=stage.help)
     sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_argument("--verbose", action="store_true",
+                     help="show Ray's own messages on the console (default: <run>/logs/<command>.log)")
     for flag in getattr(module, "CLI_FLAGS", ()):
         sub.add_argument(*flag.names, dest=flag.dest, help=flag.help, default=None, **flag.kwargs)
     positionals = [name.upper() for name in getattr(module, "POSITIONALS", ())]
@@ -101,9 +108,12 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     """
     stage = next(s for s in STAGES if s.command == command)
     module = importlib.import_module(stage.module)
+    subcommands = getattr(module, "SUBCOMMANDS", {})  # e.g. "groundup data inspect": {"inspect": main(argv)}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](list(argv[1:]))
     positionals = getattr(module, "POSITIONALS", ())  # e.g. `groundup export MODEL_DIR OUT`
-    parser = stage_parser(stage, module)
-    parsed = parser.parse_intermixed_args(list(argv)) if positionals else parser.parse_args(list(argv))
+    # Intermixed: key=value overrides may come before and after flags (argparse would reject the later ones).
+    parsed = stage_parser(stage, module).parse_intermixed_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
     values = {f.dest: getattr(parsed, f.dest) for f in flags if getattr(parsed, f.dest) is not None}
     if positionals:  # plain words (no key=value) fill the module's positional fields in order
@@ -116,6 +126,9 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     if parsed.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return None
+    from pipelines import console
+
+    console.start(command, getattr(config, "run", None), verbose=parsed.verbose)
     return module.run(config)
 
 

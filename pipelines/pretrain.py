@@ -8,8 +8,6 @@ stage's config and outputs.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +19,13 @@ from pydantic import Field
 
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StageConfig
-from pipelines.rundir import RunDir, download, join, local_copy, new_manifest, remove, upload
+from pipelines.rundir import RunDir, join, local_copy
 from pipelines.train.config import TrainConfig
-from pipelines.train.metrics import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from pipelines.train.data import (BatchOrder, PackedShards, bits_per_byte, eval_rows, shards_from_manifest,
                                   unigram_bits_per_byte)
+from pipelines.train.task import Figures, StepContext, TaskDefaults, TaskLoss
 
 STAGE = "pretrain"
-RAY_RUN_NAME = "ray"  # <run>/pretrain/ray/: Ray Train's checkpoints and state
 
 
 class Config(StageConfig):
@@ -58,7 +55,7 @@ CLI_FLAGS = (
 
 
 @dataclass
-class PretrainTask:
+class PretrainTask(TaskDefaults):
     """Packed rows -> next-token cross entropy. Picklable: ships paths, never arrays or models."""
 
     model_fields: dict[str, Any]
@@ -87,23 +84,26 @@ class PretrainTask:
     def train_micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> list[torch.Tensor]:
         return [self.train_shards.rows(rows) for rows in self.order.micro_batches(step, rank, world, micro_batch_size)]
 
-    def loss(self, model, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-        from model.llama import language_model_loss
+    def count(self, batch: torch.Tensor) -> int:
+        return batch[:, 1:].numel()
 
+    def _loss_sum(self, model, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True)
-        return language_model_loss(model(batch[:, :-1]), batch[:, 1:])
+        logits = model(batch[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+
+    def loss(self, ctx: StepContext, batch: torch.Tensor) -> TaskLoss:
+        return TaskLoss(self._loss_sum(ctx.model, batch, ctx.device), tokens=batch.numel())
 
     def eval_batches(self, rank: int, world: int, micro_batch_size: int) -> list[torch.Tensor]:
         rows = eval_rows(self.validation_shards.num_rows, self.eval_max_rows, rank, world)
         return [self.validation_shards.rows(rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
 
-    def eval_loss_sum(self, model, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-        batch = batch.to(device)
-        logits = model(batch[:, :-1]).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        return loss, batch[:, 1:].numel()
+    def eval_figures(self, ctx: StepContext, batch: torch.Tensor) -> Figures:
+        return {"loss": (float(self._loss_sum(ctx.model, batch, ctx.device)), self.count(batch))}
 
-    def eval_summary(self, mean_loss: float) -> dict[str, float]:
+    def eval_summary(self, means: dict[str, float]) -> dict[str, float]:
+        mean_loss = means["loss"]
         return {"val_loss": mean_loss, "val_perplexity": math.exp(min(mean_loss, 50.0)),
                 "val_bits_per_byte": bits_per_byte(mean_loss, self.validation_tokens, self.validation_bytes)}
 
@@ -127,7 +127,7 @@ class PretrainTask:
         completions = generate(self._model_from(state_dict), prompts, params, tokenizer)
         return [tokenizer.decode(p) + " ⟶ " + c.text for p, c in zip(prompts, completions)]
 
-    def export(self, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path, figures: dict[str, float]) -> None:
         from model.checkpoint import save_checkpoint
         from model.tokenizer import Tokenizer
 
@@ -199,113 +199,32 @@ def prepare(config: Config):
 
 
 def run(config: Config) -> dict[str, Any]:
-    started = time.time()
-    from pipelines.train.trainer import fit, prepare_storage
+    from pipelines.train.stage import TrainingJob, check_resume, run_training
 
-    run_dir = RunDir(config.run)
-    storage = run_dir.uri_of(STAGE)  # Ray Train writes checkpoints here (local, shared or object store)
-    if config.resume:  # fail before Ray starts (deciding on GPUs may start it)
-        prepare_storage(storage, RAY_RUN_NAME, resume=True)
+    started = time.time()
+    check_resume(config, STAGE)
     spec, model_config, data, use_gpu = prepare(config)
-    plan = spec.plan
+    plan, task = spec.plan, spec.task
     print(f"pretrain: model {config.model}: {model_config.describe()}", flush=True)
     print(f"pretrain: {plan.describe()}", flush=True)
-    print(f"pretrain: {spec.task.order.steps_per_epoch} steps per epoch of {spec.task.train_shards.num_rows} rows "
-          f"({plan.total_steps / spec.task.order.steps_per_epoch:.2f} epochs)", flush=True)
-
-    from pipelines.ray_env import ensure_ray
-
-    resumed = prepare_storage(storage, RAY_RUN_NAME, config.resume)
-    if not resumed:
-        for stale in (METRICS_FILE, TENSORBOARD_DIR):
-            remove(run_dir.uri_of(STAGE, stale))
-    ensure_ray(config.num_cpus)
-    mark = time.perf_counter()
-    result = fit(spec, storage, RAY_RUN_NAME, use_gpu)
-    train_seconds = time.perf_counter() - mark
-    if result.checkpoint is None:
-        raise RuntimeError("training ended without a checkpoint")
-    return finish(config, spec, model_config, data, result, started, train_seconds, resumed)
-
-
-def _checkpoint_uri(checkpoint) -> str:
-    """A Ray Train checkpoint's location as the user would write it (a path, or s3://... / gs://...)."""
-    kind = checkpoint.filesystem.type_name
-    return checkpoint.path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{checkpoint.path}"
-
-
-def _write_outputs(out: Path, checkpoint, title: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Into ``out``: the final model (from the last checkpoint's export) and the curves PNG, from the
-    metrics log already there. Returns the trainer state and the metrics records."""
-    from model.checkpoint import copy_checkpoint
-    from pipelines.train.checkpoint import EXPORT_DIR, read_trainer_state
-    from pipelines.train.metrics import plot_curves, read_metrics
-
-    with checkpoint.as_directory() as directory:
-        state = read_trainer_state(Path(directory))
-        staging = out / "model.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        copy_checkpoint(Path(directory) / EXPORT_DIR, staging)
-    final_model = out / "model"
-    shutil.rmtree(final_model, ignore_errors=True)
-    staging.rename(final_model)  # the stable path later stages and `groundup serve` use
-    records = read_metrics(out / METRICS_FILE)
-    plot_curves(records, out / CURVES_FILE, title)
-    return state, records
-
-
-def finish(config: Config, spec, model_config, data, result, started: float, train_seconds: float,
-           resumed: bool) -> dict[str, Any]:
+    print(f"pretrain: {task.order.steps_per_epoch} steps per epoch of {task.train_shards.num_rows} rows "
+          f"({plan.total_steps / task.order.steps_per_epoch:.2f} epochs)", flush=True)
     run_dir = RunDir(config.run)
-    title = f"pretrain {config.model} — {config.run}"
-    if run_dir.is_local:
-        state, records = _write_outputs(run_dir.local_path(STAGE), result.checkpoint, title)
-    else:  # build the outputs on this node, then upload them next to what the workers uploaded
-        with tempfile.TemporaryDirectory(prefix="groundup-pretrain-") as scratch:
-            out = Path(scratch)
-            if run_dir.exists(STAGE, METRICS_FILE):
-                download(run_dir.uri_of(STAGE, METRICS_FILE), out / METRICS_FILE)
-            state, records = _write_outputs(out, result.checkpoint, title)
-            upload(out / "model", run_dir.uri_of(STAGE, "model"))
-            if (out / CURVES_FILE).is_file():
-                upload(out / CURVES_FILE, run_dir.uri_of(STAGE, CURVES_FILE))
-    final_model = run_dir.uri_of(STAGE, "model")
-    train_records = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    last_eval = evals[-1] if evals else {}
-    seq = spec.plan.sequence_length
     train_split = data["splits"]["train"]
-    unigram = train_split.get("unigram_bits_per_byte")  # counted by the data stage since it packs the rows
-    if unigram is None:  # data from before it did: count here (downloads object-store shards to this node)
-        unigram = unigram_bits_per_byte(spec.task.train_shards, int(train_split["bytes"]), int(data["vocab_size"]))
-    steps_done = int(state["step"])
-    measured = [r for r in train_records[1:] if r["step"] > 1] or train_records
-    tokens_per_s = (sum(r["tokens_per_s"] for r in measured) / len(measured)) if measured else None
-    mfus = [r["mfu"] for r in measured if r.get("mfu") is not None]
-    figures = {
-        "final_train_loss": train_records[-1]["loss"] if train_records else None,
-        "val_loss": last_eval.get("val_loss"), "val_perplexity": last_eval.get("val_perplexity"),
-        "val_bits_per_byte": last_eval.get("val_bits_per_byte"),
-        "unigram_bits_per_byte": unigram,
-        "mean_tokens_per_s": tokens_per_s, "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
-    }
-    manifest = new_manifest(
-        STAGE, config, started,
+
+    def unigram(records: list[dict[str, Any]]) -> dict[str, Any]:
+        value = train_split.get("unigram_bits_per_byte")  # counted by the data stage since it packs the rows
+        if value is None:  # data from before it did: count here (downloads object-store shards to this node)
+            value = unigram_bits_per_byte(task.train_shards, int(train_split["bytes"]), int(data["vocab_size"]))
+        return {"unigram_bits_per_byte": value}
+
+    job = TrainingJob(
+        stage=STAGE, config=config, spec=spec, use_gpu=use_gpu, title=f"pretrain {config.model} — {config.run}",
         inputs={"data_manifest": run_dir.uri_of("data", "manifest.json")},
-        outputs={"model": "model", "metrics": METRICS_FILE, "tensorboard": TENSORBOARD_DIR, "curves_png": CURVES_FILE,
-                 "checkpoint": _checkpoint_uri(result.checkpoint), "model_config": model_config.model_dump(),
-                 "plan": spec.plan.to_dict(), "deepspeed_config": spec.deepspeed},
-        counts={"steps": steps_done, "tokens": steps_done * spec.plan.tokens_per_step,
-                "flops": steps_done * spec.plan.tokens_per_step * spec.plan.flops_per_token,
-                "parameters": model_config.num_parameters, "sequence_length": seq},
-        figures=figures, timings={"train_s": round(train_seconds, 3), "resumed": resumed},
-    )
-    run_dir.write_manifest(STAGE, manifest)
-    shown = ", ".join(f"{k} {figures[k]:.4f}" for k in ("final_train_loss", "val_loss", "val_bits_per_byte")
-                      if figures[k] is not None)
-    print(f"pretrain: done — {steps_done} steps, {shown} (unigram entropy {unigram:.4f} bits/byte); "
-          f"model at {final_model}", flush=True)
-    return manifest
+        outputs={"model_config": model_config.model_dump()},
+        counts={"parameters": model_config.num_parameters, "sequence_length": plan.sequence_length},
+        figures=unigram, summary_figures=("final_train_loss", "val_loss", "val_bits_per_byte", "unigram_bits_per_byte"))
+    return run_training(job, started)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``groundup quickstart``: every stage end to end on the built-in corpus, on one machine.
 
 data (clean, filter, dedup, tokenizer, packed shards) -> pretrain (the 10m preset, recipe
-``pipelines/recipes/quickstart_pretrain.yaml``) -> samples from the trained model. Each stage is
-called through its own ``run(config)``, exactly as ``groundup <stage>`` would call it, and writes
-into the same run directory.
+``pipelines/recipes/quickstart_pretrain.yaml``) -> samples from the trained model -> SFT on the
+built-in instruction set (``quickstart_sft.yaml``) -> the base and SFT models' replies to the same
+held-out questions. Each stage is called through its own ``run(config)``, exactly as
+``groundup <stage>`` would call it, and writes into the same run directory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipelines.config import StageConfig, build_config
 from pipelines.rundir import RunDir, local_copy, new_manifest
 
 PRETRAIN_RECIPE = Path(__file__).parent / "recipes" / "quickstart_pretrain.yaml"
+SFT_RECIPE = Path(__file__).parent / "recipes" / "quickstart_sft.yaml"
 SAMPLE_PROMPTS = ("The", "Return a", "This module provides", "If the argument is")
 
 
@@ -24,6 +26,8 @@ class Config(StageConfig):
     run: str = Field("runs/quickstart", description="where every stage writes its outputs")
     model: str | None = Field(None, description="model preset (default: the recipe's, 10m)")
     steps: int | None = Field(None, ge=1, description="pretraining steps (default: the recipe's)")
+    sft_steps: int | None = Field(None, ge=1, description="SFT steps (default: the recipe's)")
+    questions: int = Field(5, ge=0, description="held-out questions both models answer at the end")
     sample_tokens: int = Field(48, ge=1, description="tokens per printed sample")
 
 
@@ -31,6 +35,7 @@ CLI_FLAGS = (
     Flag(("--run",), "run", "run directory (default runs/quickstart)"),
     Flag(("--model",), "model", "model preset (default 10m)"),
     Flag(("--steps",), "steps", "pretraining steps (default 250, the recipe)", {"type": int}),
+    Flag(("--sft-steps",), "sft_steps", "SFT steps (default 150, the recipe)", {"type": int}),
     Flag(("--seed",), "seed", "seed for every stage", {"type": int}),
 )
 
@@ -53,7 +58,9 @@ def print_samples(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int
 
 def run(config: Config) -> dict:
     from pipelines.data import stage as data_stage
-    from pipelines import pretrain
+    from pipelines import pretrain, sft
+    from pipelines.data.instructions import held_out_questions
+    from pipelines.posttrain import compare_replies
 
     started = time.time()
     print(f"quickstart: run directory {config.run}", flush=True)
@@ -72,16 +79,30 @@ def run(config: Config) -> dict:
 
     model_dir = RunDir(config.run).uri_of("pretrain", pretrain_manifest["outputs"]["model"])
     samples = print_samples(local_copy(model_dir), SAMPLE_PROMPTS, config.sample_tokens, config.seed)
+
+    sft_values = {"run": config.run, "seed": config.seed}
+    if config.sft_steps:
+        sft_values["train.length.steps"] = config.sft_steps
+    sft_manifest = sft.run(build_config(sft.Config, SFT_RECIPE, values=sft_values))
+    sft_done = time.time()
+    sft_dir = RunDir(config.run).uri_of("sft", sft_manifest["outputs"]["model"])
+    print("quickstart: replies to questions about modules the SFT model never saw in training")
+    replies = compare_replies({"base": local_copy(model_dir), "sft": local_copy(sft_dir)},
+                              held_out_questions(config.questions), config.sample_tokens, config.seed)
     figures = pretrain_manifest["figures"]
     manifest = new_manifest(
         "quickstart", config, started,
         inputs={"corpus": "builtin"},
         outputs={"data_manifest": "data/manifest.json", "pretrain_manifest": "pretrain/manifest.json",
-                 "model": str(model_dir), "samples": samples},
+                 "sft_manifest": "sft/manifest.json", "model": str(model_dir), "sft_model": str(sft_dir),
+                 "samples": samples, "replies": replies},
         figures={"val_bits_per_byte": figures.get("val_bits_per_byte"),
                  "unigram_bits_per_byte": figures.get("unigram_bits_per_byte"),
-                 "documents_kept": data_manifest["counts"].get("kept")},
-        timings={"data_s": round(data_done - started, 1), "pretrain_s": round(pretrain_done - data_done, 1)},
+                 "documents_kept": data_manifest["counts"].get("kept"),
+                 "sft_start_val_loss": sft_manifest["figures"].get("start_val_loss"),
+                 "sft_val_loss": sft_manifest["figures"].get("val_loss")},
+        timings={"data_s": round(data_done - started, 1), "pretrain_s": round(pretrain_done - data_done, 1),
+                 "sft_s": round(sft_done - pretrain_done, 1)},
     )
     RunDir(config.run).write_manifest("quickstart", manifest)
     wall = manifest["timings"]["wall_s"]
@@ -89,7 +110,7 @@ def run(config: Config) -> dict:
     measured = (f"validation {bpb:.3f} bits/byte against the corpus's unigram entropy {unigram:.3f} bits/byte"
                 if bpb is not None and unigram is not None else "no validation pass ran (too few steps)")
     print(f"quickstart: done in {wall / 60:.1f} min — {measured}")
-    print(f"quickstart: serve it with  groundup serve --model base={model_dir}")
+    print(f"quickstart: chat with it:  groundup serve --model base={model_dir} --model sft={sft_dir}")
     return manifest
 
 

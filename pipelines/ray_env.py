@@ -6,7 +6,6 @@ stage, in process or in a subprocess, shares the session's one cluster.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -21,12 +20,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     check_cluster_reachable()
-    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    from pipelines import console  # Ray's own messages: to <run>/logs/<command>.log unless --verbose
+
+    kwargs: dict = {"log_to_driver": True, **console.ray_init_logging()}
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = os.environ.get("GROUNDUP_RAY_DASHBOARD", "0") == "1"
     ray.init(**kwargs)
+    console.after_ray_init()
 
 
 def check_cluster_reachable(timeout_s: float = CONNECT_TIMEOUT_S) -> None:

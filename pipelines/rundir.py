@@ -204,6 +204,27 @@ class RunDir:
             return Path(self.path(*parts))
         return scratch_dir(self.uri, *parts)
 
+    def check_writable(self, stage: str) -> None:
+        """Fail in one line (ConfigError) when ``<run>/<stage>/`` cannot be written: a run path that is a
+        file, a parent that is a file, a read-only place. Stages call this before any work."""
+        probe = f"{stage}/.write-check-{uuid.uuid4().hex[:8]}"
+        try:
+            if is_local(self.uri):
+                root = Path(self.root)
+                for parent in (root, *root.parents):
+                    if parent.exists():
+                        if not parent.is_dir():
+                            raise ConfigError(f"run {self.uri}: {parent} is a file, not a directory "
+                                              "(give --run a directory path)")
+                        break
+            self.write_bytes(probe, b"")
+            self.fs.delete_file(self.path(probe))
+        except ConfigError:
+            raise
+        except Exception as err:  # permissions, read-only file systems, object-store access
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"run {self.uri}: cannot write the run directory ({detail})") from None
+
     def exists(self, *parts: str) -> bool:
         info = self.fs.get_file_info(self.path(*parts))
         return info.type != pafs.FileType.NotFound

@@ -15,6 +15,9 @@ from pipelines.config import build_config
 from pipelines.data.builtin import iter_builtin_documents
 
 
+DECONTAMINATE = "benchmark question: what is the airspeed of an unladen swallow"
+
+
 def write_corpus(root: Path) -> dict[str, str]:
     """Built-in docs as JSONL plus planted duplicates, hostile lines, a truncated archive and HTML."""
     docs = [d for d in iter_builtin_documents() if d["id"].startswith("pydoc:")][:60]
@@ -23,10 +26,13 @@ def write_corpus(root: Path) -> dict[str, str]:
     words = docs[1]["text"].split(" ")
     words[len(words) // 2] = "CHANGED"
     lines.append(json.dumps({"text": " ".join(words)}))                   # near duplicate of line 2
-    lines += ["{broken json", json.dumps({"no_text": 1}), "[1]"]
+    lines.append(json.dumps({"text": docs[7]["text"] + "\n\n" + DECONTAMINATE.capitalize() + "?"}))
+    lines += ["{broken json mail jane.doe@example.org", json.dumps({"no_text": 1}), "[1]"]
     (root / "docs.jsonl").write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
     more = b"".join(json.dumps({"text": d["text"]}).encode() + b"\n" for d in docs[:3])
     (root / "cut.jsonl.gz").write_bytes(gzip.compress(more * 4)[:-40])   # truncated archive
+    (root / ".hidden.jsonl").write_text(json.dumps({"text": docs[0]["text"]}) + "\n")
+    (root / "gone.jsonl").symlink_to(root / "missing.jsonl")
     (root / "page.html").write_text(
         f"<html><body><nav>Home | Login</nav><article><p>{docs[5]['text'][:2000]}</p></article></body></html>")
     return {"exact": "docs.jsonl:61", "near": "docs.jsonl:62"}
@@ -35,7 +41,11 @@ def write_corpus(root: Path) -> dict[str, str]:
 def run_stage(inputs: list[str], run: Path):
     from pipelines.data.stage import Config, run as run_data
 
-    config = build_config(Config, values={"inputs": inputs, "run": str(run)}, overrides=[
+    from pipelines.data.steps import DEFAULT_STEPS
+
+    user_step = "pipelines.data.steps:Decontaminate"  # a step given as module:Class in the config
+    config = build_config(Config, values={"inputs": inputs, "run": str(run), "steps": [*DEFAULT_STEPS, user_step],
+                                          "step_config": {user_step: {"phrases": [DECONTAMINATE]}}}, overrides=[
         "filters.preset=code_docs", "tokenizer.vocab_size=512", "pack.sequence_length=64",
         "pack.rows_per_shard=200", "pack.validation_fraction=0.1"])
     return run_data(config)
@@ -66,6 +76,22 @@ def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, t
     assert len(rejects) == counts["documents_in"] - counts["kept"]
     assert {r["reason"] for r in rejects} == set(counts["by_reason"])
     assert all(r["location"] for r in rejects)
+    assert not any("jane.doe@example.org" in r["text"] for r in rejects)  # PII masked in rejects too
+    assert counts["files_skipped_by_reason"] == {"dangling_symlink": 1, "hidden": 1}
+    assert counts["by_reason"]["decontaminate:contains_phrase"] == 1  # the user step's rejection, counted
+    assert first["figures"]["cpu_seconds_by_step"].keys() >= {"clean", "c4", "pii", "decontaminate", "dedup"}
+    assert counts["by_preset"]["code_docs"]["documents"] > 60
+
+    # groundup data inspect: per rule, how many it removed and examples with what triggered it.
+    from pipelines.data.inspect import report
+
+    audit = report(str(tmp_path / "run1"), "decontaminate", 2)
+    assert "decontaminate:contains_phrase: 1 removed" in audit and "triggered by:" in audit and DECONTAMINATE in audit.lower()
+    shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "inspect", "--run", str(tmp_path / "run1"),
+                            "--n", "1"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    for rule in counts["by_reason"]:
+        assert f"{rule}: {counts['by_reason'][rule]:,} removed" in shown.stdout
     reason_of = {r["id"]: r["reason"] for r in rejects}
     assert reason_of[f"corpus/{planted['exact']}"] == "dedup:exact"
     assert reason_of[f"corpus/{planted['near']}"] == "dedup:near"

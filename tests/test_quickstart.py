@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -21,3 +23,27 @@ def test_quickstart_runs_every_stage_and_prints_samples(ray_cluster, tmp_path):
     assert len(manifest["outputs"]["samples"]) == 4
     assert (run / "pretrain" / "model" / "model.safetensors").is_file()
     assert json.loads((run / "data" / "manifest.json").read_text())["counts"]["kept"] > 300
+
+
+# Lines only Ray's internals print: log records with Ray's "file.py:123 --" prefix, worker-prefixed
+# output, Ray Data's execution plans and progress dumps, Ray Train's cleaner.
+RAY_INTERNAL = re.compile(r"\.py:\d+ -- |\((?:pid=|\w+ pid=)|logging_progress|streaming_executor|MapBatches\(|"
+                          r"PlacementGroupCleaner|Token authentication|Running Dataset|RayTrainWorker|"
+                          r"TrainController|object store")
+
+
+def test_quickstart_console_has_no_ray_internal_lines(ray_cluster, tmp_path):
+    """The quickstart's console output is ours only; Ray's own messages are in the run's log file."""
+    run = tmp_path / "quiet"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "quickstart", "--run", str(run),
+                             "--model", "1m", "--steps", "2"], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "GROUNDUP_PROGRESS_INTERVAL_S": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    noise = [line for line in lines if RAY_INTERNAL.search(line)]
+    assert noise == [], "\n".join(noise[:20])
+    assert sum(1 for line in lines if not line.strip()) <= 3
+    assert any(line.startswith("data: read, clean, filter") for line in lines)
+    assert any("[pretrain] step" in line or "step 2/2" in line for line in lines), result.stdout[-2000:]
+    log = run / "logs" / "quickstart.log"
+    assert f"Ray's own messages go to {log}" in result.stdout and log.stat().st_size > 0

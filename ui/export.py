@@ -61,6 +61,7 @@ class Config(StageConfig):
 
 
 CLI_FLAGS: tuple[Flag, ...] = (
+    Flag(("--run",), "run", "run directory: votes default to <run>/ui/preferences.db, pairs go to <run>/prefs/"),
     Flag(("--database",), "database", "SQLAlchemy URL or SQLite file of the preference store"),
     Flag(("--output",), "output", "folder (path or s3://, gs:// URI) for train/validation files"),
     Flag(("--format",), "format", "jsonl or parquet", {"choices": ["jsonl", "parquet"]}),

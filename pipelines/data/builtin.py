@@ -66,15 +66,23 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return [path for path in sorted(root.rglob("*.py")) if not SKIPPED_PARTS.intersection(path.relative_to(root).parts)]
 
 
+def parse_module(path: Path) -> ast.Module | None:
+    """The module's syntax tree, or None for the few stdlib files that are deliberately invalid (test
+    fixtures, bad encodings)."""
+    try:
+        return ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return None
+
+
 def iter_stdlib_documents(root: Path | None = None, paths: list[Path] | None = None) -> Iterator[dict]:
     """Documents of ``paths`` (default: all of :func:`stdlib_files`); parsing is most of the cost, so
     the data stage hands contiguous slices of the list to parallel tasks."""
     root = root or stdlib_root()
     for path in stdlib_files(root) if paths is None else paths:
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue  # a few stdlib files are deliberately invalid (test fixtures, bad encodings)
+        tree = parse_module(path)
+        if tree is None:
+            continue
         module = _module_name(root, path)
         text = _module_text(module, tree)
         if len(text) >= MIN_DOC_CHARS:

@@ -49,6 +49,10 @@ def fix_unicode(text: str) -> str:
     ftfy's segmentation and that state, and skips the segments no fixer can change (plain ASCII
     without "&" or control characters), which on typical text is nearly all of them.
     """
+    if "\r\n" in text:
+        # ftfy turns every CRLF into LF (fix_line_breaks); doing it first leaves CRLF files' plain
+        # ASCII lines safe to skip instead of sending every line through ftfy.
+        text = text.replace("\r\n", "\n")
     if _FTFY_UNSAFE.search(text) is None:
         return text
     import ftfy

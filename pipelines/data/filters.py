@@ -119,10 +119,12 @@ class C4Config(StrictModel):
 
 class FineWebConfig(StrictModel):
     enabled: bool = True
-    line_punct_thr: float = Field(0.12, description="drop if at most this fraction of lines end in punctuation")
+    line_punct_thr: float = Field(0.12, description="drop if at most this fraction of lines end in . ' \" ! ?")
+    line_punct_exclude_zero: bool = Field(False, description="keep documents where no line ends in punctuation")
     short_line_thr: float = Field(0.67, description="drop if at least this fraction of lines are short")
     short_line_length: int = 30
-    char_duplicates_ratio: float = Field(0.01, description="drop if more of the characters are in repeated lines")
+    char_duplicates_ratio: float = Field(0.01, description="drop if at least this share of the characters "
+                                                           "(newlines excluded) are in repeated lines")
     new_line_ratio: float = Field(0.3, description="drop if newlines per word exceed this (list-like pages)")
 
 
@@ -132,12 +134,32 @@ class FiltersConfig(StrictModel):
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     c4: C4Config = C4Config()
     fineweb: FineWebConfig = FineWebConfig()
-    preset: Literal["auto", "published", "code_docs"] = Field(
-        "auto", description="published: the papers' thresholds; code_docs: relaxed for code documentation; "
-                            "auto: code_docs when the only input is the built-in corpus, else published")
+    preset: Literal["auto", "web", "books", "code_docs", "published"] = Field(
+        "auto", description="web (alias: published): the papers' C4/FineWeb/Gopher rules and thresholds; "
+                            "books: prose, plays and verse (no web line rules, Gopher with book limits); "
+                            "code_docs: relaxed for code documentation; auto: chosen per document from its "
+                            "format and shape. An input given as PATH:preset uses that preset")
 
+
+PRESETS = ("web", "books", "code_docs")  # what a document is judged by ("published" is "web")
 
 PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Books (Gutenberg-style prose, plays, verse): the web line rules are off (verse lines end without
+    # punctuation, are short and repeat; speaker labels repeat as lines; one "{" is not code), whole
+    # works are longer than web pages, refrains repeat. Gopher's word-level quality rules, the
+    # paragraph and n-gram repetition rules (with looser limits) and language identification still
+    # stand between the corpus and spam, gibberish and boilerplate.
+    "books": {
+        "c4": {"filter_curly_bracket": False, "filter_no_terminal_punct": False, "min_words_per_line": 0,
+               "min_num_sentences": 1, "filter_javascript": False, "filter_policy": False},
+        "fineweb": {"enabled": False},
+        "gopher_quality": {"max_doc_words": 2_000_000, "max_ellipsis_lines_ratio": 0.5,
+                           "max_bullet_lines_ratio": 0.9},
+        "gopher_repetition": {"max_dup_line_frac": 1.0, "max_dup_line_char_frac": 1.0,
+                              "max_dup_para_frac": 0.5, "max_dup_para_char_frac": 0.4,
+                              "top_ngram_max_frac": {2: 0.2, 3: 0.18, 4: 0.16},
+                              "dup_ngram_max_frac": {5: 0.3, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.2}},
+    },
     # The built-in corpus is Python documentation: prose mixed with code, signatures and examples.
     # The web-text rules below would throw away most of it for being code-like (curly brackets,
     # lines without final punctuation, repeated phrases such as "Return the ...") although it is
@@ -165,7 +187,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def effective_filters(cfg: FiltersConfig, preset: str) -> FiltersConfig:
     """The preset's values under every field the user set explicitly (explicit settings win)."""
-    overrides = PRESET_OVERRIDES.get(preset, {})
+    overrides = PRESET_OVERRIDES.get("web" if preset == "published" else preset, {})
     if not overrides:
         return cfg
     explicit = cfg.model_dump(exclude_unset=True)
@@ -261,19 +283,24 @@ def identify_language(text: str) -> tuple[str, float]:
     return str(lang), float(score)
 
 
-def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+def language_decision(text: str, cfg: LanguageConfig) -> tuple[str | None, str, float]:
+    """(reason to drop or None, language, score) — the score of the prefix that decided."""
     if len(text) > LANGUAGE_QUICK_CHARS:
         # Most documents are settled by a short prefix: a kept language at near certainty on the
         # first 2k characters keeps the document; anything less is decided on the full 10k prefix.
         lang, score = _language_identifier().classify(text[:LANGUAGE_QUICK_CHARS])
         if lang in cfg.languages and score >= max(LANGUAGE_QUICK_SCORE, cfg.min_score):
-            return None
+            return None, str(lang), float(score)
     lang, score = identify_language(text)
     if lang not in cfg.languages:
-        return f"language:not_{'_'.join(cfg.languages)}"
+        return f"language:not_{'_'.join(cfg.languages)}", lang, score
     if score < cfg.min_score:
-        return "language:low_confidence"
-    return None
+        return "language:low_confidence", lang, score
+    return None, lang, score
+
+
+def language_filter(text: str, cfg: LanguageConfig) -> str | None:
+    return language_decision(text, cfg)[0]
 
 
 # ---------------------------------------------------------------- Gopher
@@ -479,20 +506,35 @@ def c4_filter(text: str, cfg: C4Config, doc: Document | None = None) -> tuple[st
 
 # ---------------------------------------------------------------- FineWeb
 
+FINEWEB_STOP_CHARS = (".", "'", '"', "!", "?")
+
+
+def _word_tokens(text: str) -> int:
+    """Words as FineWeb counts them (NLTK's Treebank word tokenizer, which needs no downloaded data)."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return len(NLTKWordTokenizer().tokenize(text))
+
+
 def fineweb_filter(text: str, cfg: FineWebConfig, doc: Document | None = None) -> str | None:
-    doc = _document(text, doc)
-    lines = doc.lines
-    if not lines:
-        return "fineweb:empty"
-    if sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines) <= cfg.line_punct_thr:
+    """FineWeb's line rules exactly as datatrove's FineWebQualityFilter computes them: over every line
+    of ``text.split("\n")`` (empty lines included, not stripped), punctuation ratio ``<=``, short-line
+    ratio ``>=``, duplicated-line characters over all characters but newlines ``>=``, newlines per
+    word-tokenizer word ``>``."""
+    lines = text.split("\n")
+    if sum(line.endswith(FINEWEB_STOP_CHARS) for line in lines) / len(lines) <= cfg.line_punct_thr \
+            and not (cfg.line_punct_exclude_zero and not any(line.endswith(FINEWEB_STOP_CHARS) for line in lines)):
         return "fineweb:line_punct_ratio"
     if sum(len(line) <= cfg.short_line_length for line in lines) / len(lines) >= cfg.short_line_thr:
         return "fineweb:short_line_ratio"
-    non_space_chars = max(len(text.replace(" ", "").replace("\n", "")), 1)
-    _, dup_chars = _duplicate_stats(lines)
-    if dup_chars / non_space_chars > cfg.char_duplicates_ratio:
+    _, dup_chars = _duplicate_stats([line for line in lines if line.strip()])
+    if dup_chars / max(len(text) - text.count("\n"), 1) >= cfg.char_duplicates_ratio:
         return "fineweb:char_dup_ratio"
-    if text.count("\n") / max(len(doc.words), 1) > cfg.new_line_ratio:
+    newlines = text.count("\n")
+    # The tokenizer splits punctuation off words, so it never finds fewer words than str.split():
+    # when the ratio passes with whitespace words it passes with the tokenizer's, and costs nothing.
+    if newlines / max(len(_document(text, doc).words), 1) > cfg.new_line_ratio \
+            and newlines / max(_word_tokens(text), 1) > cfg.new_line_ratio:
         return "fineweb:list_ratio"
     return None
 
@@ -518,3 +560,99 @@ def apply_filters(text: str, cfg: FiltersConfig) -> tuple[str, str | None]:
     if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb, doc)):
         return text, reason
     return text, None
+
+
+# ---------------------------------------------------------------- presets chosen per document
+
+_CODE_LINE = re.compile(r"^(?:    |\t)|^\s*(?:>>>|\$ |def |class |import |from \S+ import |return\b|#include|@\w)"
+                        r"|[{}]\s*$|[)=\w\]]\);?\s*$|=.*;\s*$")
+_SPEAKER_LINE = re.compile(r"^[A-Z][A-Z .'-]{1,30}[.:]?$")  # "HAMLET." / "KING LEAR:" / "ACT I."
+BOOK_WORDS = 20_000
+
+
+def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str:
+    """``auto``: the preset that fits a document, from its format and shape.
+
+    - code_docs: the built-in corpus (Python's documentation), or text where at least 15% of the lines
+      look like code (indented blocks, prompts, definitions, braces, calls and assignments ending a line);
+    - web: HTML pages, and records that carry a URL;
+    - books: book-length text (20k words and more), and text shaped like verse or a play (mostly short
+      lines, or speaker labels such as ``HAMLET.``);
+    - web otherwise (the published rules are the default for text of unknown origin).
+    """
+    if source == "builtin" or meta.get("kind") in ("docstrings", "pydoc_topic"):
+        return "code_docs"
+    if fmt == "html" or "url" in meta:
+        return "web"
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines:
+        code = sum(1 for line in lines if _CODE_LINE.search(line))
+        if code / len(lines) >= 0.15:
+            return "code_docs"
+    if len(text) >= BOOK_WORDS * 5 and len(text.split()) >= BOOK_WORDS:
+        return "books"
+    if len(lines) >= 8:
+        short = sum(1 for line in lines if len(line.strip()) <= 60) / len(lines)
+        speakers = sum(1 for line in lines if _SPEAKER_LINE.match(line.strip())) / len(lines)
+        if short >= 0.6 or speakers >= 0.1:
+            return "books"
+    return "web"
+
+
+# ---------------------------------------------------------------- what triggered a rule (for inspect)
+
+def _first(lines: list[str], predicate) -> str:
+    return next((line for line in lines if predicate(line)), "")
+
+
+def explain(reason: str, text: str, cfg: Any) -> str:
+    """The part of ``text`` that made rule ``reason`` fire: a line, an n-gram, a character or a ratio.
+    Called only for rejected documents, so its cost does not matter."""
+    rule = reason.split(":", 1)[1] if ":" in reason else reason
+    lines = text.split("\n")
+    words = text.split()
+    try:
+        if rule == "curly_bracket":
+            return _first(lines, lambda line: "{" in line)[:200]
+        if rule == "lorem_ipsum":
+            at = text.lower().find("lorem ipsum")
+            return text[max(at - 40, 0):at + 60]
+        if rule == "line_punct_ratio":
+            ended = sum(line.endswith(FINEWEB_STOP_CHARS) for line in lines)
+            return f"{ended}/{len(lines)} lines end in punctuation; e.g. {_first(lines, lambda x: x.strip() and not x.endswith(FINEWEB_STOP_CHARS))[:120]!r}"
+        if rule == "short_line_ratio":
+            short = sum(len(line) <= cfg.short_line_length for line in lines)
+            return f"{short}/{len(lines)} lines of <= {cfg.short_line_length} chars; e.g. {_first(lines, lambda x: 0 < len(x) <= cfg.short_line_length)!r}"
+        if rule in ("char_dup_ratio", "dup_line_frac", "dup_line_char_frac", "dup_para_frac", "dup_para_char_frac"):
+            parts = [p.strip() for p in (_PARAGRAPHS.split(text) if "para" in rule else lines) if p.strip()]
+            seen: set[str] = set()
+            repeated = next((p for p in parts if p in seen or seen.add(p)), "")
+            return f"repeated: {repeated[:200]!r}"
+        if rule == "list_ratio":
+            return f"{text.count(chr(10))} newlines for {len(words)} words"
+        if rule.startswith("top_") or rule.startswith("dup_") and rule.endswith("gram"):
+            n = int(rule.split("_")[1].removesuffix("gram"))
+            grams: dict[tuple[str, ...], int] = {}
+            for i in range(len(words) - n + 1):
+                gram = tuple(words[i:i + n])
+                grams[gram] = grams.get(gram, 0) + 1
+            gram, count = max(grams.items(), key=lambda kv: kv[1]) if grams else ((), 0)
+            return f"{' '.join(gram)!r} x{count}"
+        if rule == "symbol_ratio":
+            return f"{text.count('#')} '#', {text.count('...') + text.count('…')} ellipses for {len(words)} words"
+        if rule in ("too_few_words", "too_many_words"):
+            return f"{len(words)} words"
+        if rule in ("short_words", "long_words"):
+            longest = max(words, key=len) if words else ""
+            return f"mean word length {sum(map(len, words)) / max(len(words), 1):.1f}; longest {longest[:60]!r}"
+        if rule == "non_alpha_words":
+            return "e.g. " + repr([w for w in words if not _has_alpha(w)][:8])
+        if rule == "few_stop_words":
+            return f"stop words found: {sorted({w.lower() for w in words} & set(cfg.stop_words))}"
+        if rule in ("bullet_lines", "ellipsis_lines"):
+            return _first(lines, lambda x: x.strip().startswith(("•", "●", "*", "-")) or x.strip().endswith(("...", "…")))[:200]
+        if rule in ("too_few_sentences", "no_lines_left"):
+            return f"{len(_SENTENCE_END.findall(text))} sentence ends; first line {lines[0][:120]!r}"
+    except Exception as err:  # an explanation must never drop or keep a document
+        return f"(no detail: {type(err).__name__})"
+    return ""

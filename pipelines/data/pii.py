@@ -16,8 +16,10 @@ from pipelines.config import StrictModel
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "card": "<CARD_NUMBER>"}
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
-# 13-19 digits, optionally grouped by single spaces or dashes (4-4-4-4, 4-6-5, ...).
-CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# 13-19 digits, optionally grouped by any run of spaces (also no-break spaces) or dashes between
+# digits: 4-4-4-4, 4-6-5, "4111  1111  1111  1111", "4111 - 1111 - 1111 - 1111", ...
+_CARD_GAP = "[ \u00a0\u2007\u202f-]*"
+CARD = re.compile(r"(?<![\d-])\d(?:%s\d){12,18}(?![\d-])" % _CARD_GAP)
 IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 # Any run of hex digits and colons with two colons; ipaddress decides, and at least three groups
 # are required so Python slices such as "a[::2]" are not taken for "::2".
@@ -29,7 +31,7 @@ PHONE = re.compile(
 
 # Cheap necessary conditions (no look-behinds, so the regex engine scans fast): when one finds
 # nothing, the full pattern cannot match either and its pass over the text is skipped.
-_MAY_BE_CARD = re.compile(r"\d(?:[ -]?\d){12}")
+_MAY_BE_CARD = re.compile(r"\d(?:%s\d){12}" % _CARD_GAP)
 _MAY_BE_IPV4 = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
 _MAY_BE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _MAY_BE_PHONE = re.compile(r"\d{3,4}[ .-]\d{3,4}")
@@ -41,6 +43,9 @@ class PIIConfig(StrictModel):
     phone: bool = Field(True, description="replace phone numbers with <PHONE>")
     ip: bool = Field(True, description="replace IPv4/IPv6 addresses with <IP_ADDRESS>")
     card: bool = Field(True, description="replace Luhn-valid 13-19 digit numbers with <CARD_NUMBER>")
+    keep_raw_in_rejects: bool = Field(
+        False, description="write rejected and quarantined documents to rejects/ unmasked (on purpose only: "
+                           "by default PII is masked in everything the stage writes)")
 
 
 def luhn_valid(digits: str) -> bool:

@@ -53,6 +53,9 @@ def summary_text(manifest: dict[str, Any]) -> str:
         f"  quarantined {counts['quarantined']:,}   dropped {counts['dropped']:,}   "
         f"duplicates {counts['duplicates']:,} (exact {counts['duplicates_exact']:,}, near {counts['duplicates_near']:,})",
     ]
+    if counts.get("files_skipped"):
+        lines.append(f"  input files skipped {counts['files_skipped']:,}: " + ", ".join(
+            f"{r} {n:,}" for r, n in counts["files_skipped_by_reason"].items()) + " (manifest: inputs.skipped_files)")
     reasons = sorted(counts["by_reason"].items(), key=lambda kv: -kv[1])[:8]
     if reasons:
         lines.append("  top reasons: " + ", ".join(f"{r} {n:,}" for r, n in reasons))

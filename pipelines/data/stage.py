@@ -12,6 +12,7 @@ ended, so counts add up by construction and every rejected document is written t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -24,20 +25,21 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from pipelines.cli import Flag, stage_main
+from pipelines.console import Progress
 from pipelines.config import ConfigError, StageConfig
-from pipelines.data.clean import CleanConfig, clean_document
-from pipelines.data.dedup import DedupConfig, dedup_dataset, new_minhash, sign_document
-from pipelines.data.filters import FiltersConfig, apply_filters, effective_filters
+from pipelines.data.clean import CleanConfig
+from pipelines.data.dedup import DedupConfig, dedup_dataset
+from pipelines.data.filters import PRESETS, FiltersConfig, effective_filters
 from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
                                  select_training_sample, token_dtype, tokenize_batch, unit_hash)
 from pipelines.data.pii import PIIConfig, redact
-from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, builtin_parts, read_builtin_part, read_input_file,
-                                    resolve_inputs)
+from pipelines.data.steps import DEFAULT_STEPS, Doc, Pipeline, Rejection, SignStep, Step, build_steps
+from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, SkippedFile, builtin_parts, read_builtin_part,
+                                    read_input_file, resolve_inputs, split_ranges)
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
-from pipelines.rundir import RunDir, new_manifest
+from pipelines.rundir import RunDir, new_manifest, resolve_filesystem
 
 STAGE = "data"
-STEP_TIME_COLUMNS = ("t_clean", "t_filter", "t_pii")
 
 
 class Config(StageConfig):
@@ -49,6 +51,11 @@ class Config(StageConfig):
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
+    steps: list[str] = Field(list(DEFAULT_STEPS), description=(
+        "the per-document pipeline, in order: built-in steps (clean, preset, language, gopher_repetition, "
+        "gopher_quality, c4, fineweb, pii) and your own as module:Class (an apply(document) method returning "
+        "the document or a Rejection); the dedup signature is appended when dedup is on"))
+    step_config: dict[str, dict[str, Any]] = Field({}, description="config dict of each module:Class step, by its name in 'steps'")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started by this stage (default: all)")
     shuffle: Literal["sort", "ray_default"] = Field(
         "sort", description="shuffle for dedup's groupbys and the packing sort: Ray Data's task-based sort "
@@ -71,10 +78,61 @@ CLI_FLAGS = (
 )
 
 
+def _inspect(argv: list[str]) -> None:
+    from pipelines.data.inspect import main
+
+    main(argv)
+
+
+SUBCOMMANDS = {"inspect": _inspect}  # groundup data inspect --run RUN [--reason R] [--n K]
+
+
 # ---------------------------------------------------------------- per-document processing (Ray tasks)
 
-def _read_file(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
-    return list(read_input_file(InputFile(**row["file"]), cfg))
+def _read_files(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
+    """The records of one read task: a group of small files, or one byte range of a large one."""
+    records: list[dict[str, Any]] = []
+    for item in row["files"]:
+        f = InputFile(**item)
+        start = len(records)
+        records.extend(read_input_file(f, cfg))
+        if f.preset:
+            for record in records[start:]:
+                record["preset"] = f.preset
+    return records
+
+
+def _file_sizes(files: list[InputFile]) -> list[int]:
+    sizes = []
+    for f in files:
+        fs, path = resolve_filesystem(f.uri)
+        sizes.append(fs.get_file_info(path).size or 0)
+    return sizes
+
+
+def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int, cfg: ReadConfig) -> tuple[list[list[InputFile]], bool]:
+    """Read tasks of about equal bytes: large uncompressed line files are cut into byte ranges, small
+    files are grouped (in order). Returns (tasks, whether a task still holds much more than its
+    share: one large compressed file, which only repartitioning the records can spread)."""
+    total = sum(sizes)
+    target = max(total // max(tasks, 1), 1 << 16)
+    pieces: list[tuple[InputFile, int]] = []
+    for f, size in zip(files, sizes):
+        ranges = split_ranges(f, size, target, cfg)
+        pieces.extend((r, (r.end - r.start) if r.end >= 0 else size) for r in ranges)
+    groups: list[list[InputFile]] = []
+    current: list[InputFile] = []
+    held = 0
+    for f, size in pieces:
+        if current and held + size > target:
+            groups.append(current)
+            current, held = [], 0
+        current.append(f)
+        held += size
+    if current:
+        groups.append(current)
+    uneven = any(size > 2 * target for _, size in pieces)
+    return groups, uneven
 
 
 def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,69 +141,77 @@ def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class ProcessBatch:
-    """Clean, filter and redact every readable document of a batch; record why anything is dropped.
+    """Run the step pipeline (:mod:`pipelines.data.steps`) on every readable document of a batch.
 
-    With a ``dedup`` config it also signs every document it keeps (exact hash, MinHash signature,
-    band keys: :data:`dedup.SIGNED_COLUMNS`), so dedup needs no pass of its own over the texts.
+    Each document ends kept (text edited by the steps, PII counted, signed for dedup when the sign step
+    is on) or with the first rejection's ``reason`` and ``detail``; the seconds each step spent on the
+    batch ride in the ``step_seconds`` column (a JSON object on the batch's first row) to the summary.
     """
 
-    def __init__(self, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig, dedup: DedupConfig | None = None):
-        self.clean, self.filters, self.pii, self.dedup = clean, filters, pii, dedup
-        # Built here and shipped with the UDF, so the permutations are not rebuilt (or datasketch
-        # imported) inside the timed signing of a worker's first batch.
-        self._prototype = new_minhash(dedup) if dedup is not None else None
+    def __init__(self, steps: list[Step], pii: PIIConfig, default_preset: str = "auto"):
+        self.steps, self.pii, self.default_preset = steps, pii, default_preset
+        self.signing = any(isinstance(s, SignStep) for s in steps)
 
-    def _process(self, row: dict[str, Any], timing: dict[str, float]) -> None:
-        t0 = time.perf_counter()
-        is_html = '"format": "html"' in row["meta"] and json.loads(row["meta"]).get("format") == "html"
-        text, reason = clean_document(row["text"], is_html, self.clean)
-        t1 = time.perf_counter()
-        timing["t_clean"] += t1 - t0
-        if reason:
-            row["status"], row["reason"] = DROPPED, reason
-            return
-        text, reason = apply_filters(text, self.filters)
-        t2 = time.perf_counter()
-        timing["t_filter"] += t2 - t1
-        if reason:
-            row["status"], row["reason"] = DROPPED, reason
-            return
-        text, counts = redact(text, self.pii)
-        timing["t_pii"] += time.perf_counter() - t2
-        row["text"] = text
-        for kind, n in counts.items():
-            row[f"pii_{kind}"] = n
+    @classmethod
+    def from_configs(cls, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig,
+                     dedup: DedupConfig | None = None) -> "ProcessBatch":
+        """The default pipeline over these configs (for callers without a stage config)."""
+        from types import SimpleNamespace
+
+        stage = SimpleNamespace(clean=clean, filters=filters, pii=pii, dedup=dedup, step_config={})
+        return cls(build_steps(DEFAULT_STEPS, stage, sign=dedup is not None), pii, filters.preset)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        timing = dict.fromkeys(STEP_TIME_COLUMNS, 0.0)
-        for row in rows:
+        pipeline = Pipeline(self.steps)
+        signed: list[Any] = [None] * len(rows)
+        for k, row in enumerate(rows):
             if row["status"] != KEPT:
                 continue
+            doc = Doc(row["id"], row["text"], row["source"], row["meta"], preset=row["preset"])
             try:
-                self._process(row, timing)
-            except Exception as err:  # hostile content must never take the job down
+                result = pipeline.run(doc)
+            except Exception as err:  # hostile content (or a user step's bug) must never take the job down
                 row["status"], row["reason"] = QUARANTINED, f"quarantine:processing_error:{type(err).__name__}"
+                row["detail"] = str(err)[:200]
+                continue
+            row["preset"] = doc.preset
+            if isinstance(result, Rejection):
+                row["status"], row["reason"], row["detail"] = DROPPED, result.reason, result.detail[:500]
+                continue
+            row["text"] = result.text
+            for kind, n in result.pii.items():
+                row[f"pii_{kind}"] = n
+            signed[k] = result.extra.get("signed")
+        if not self.pii.keep_raw_in_rejects:
+            mask_rejected(rows, self.pii)
         table = to_table(rows)
-        n = max(len(rows), 1)
-        for name in STEP_TIME_COLUMNS:
-            table = table.append_column(name, pa.array([timing[name] / n] * len(rows), pa.float64()))
-        return self._sign(table, rows) if self.dedup is not None else table
+        seconds = [json.dumps({k: round(v, 6) for k, v in pipeline.seconds.items()})] + ["{}"] * (len(rows) - 1)
+        table = table.append_column("step_seconds", pa.array(seconds[:len(rows)], pa.string()))
+        return self._sign(table, signed) if self.signing else table
 
-    def _sign(self, table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
-        started = time.perf_counter()
-        kept = [row["status"] == KEPT for row in rows]
-        signed = [sign_document(row["text"], self.dedup, self._prototype) if k else None for row, k in zip(rows, kept)]
-        share = (time.perf_counter() - started) / max(sum(kept), 1)  # summed over kept rows only
+    @staticmethod
+    def _sign(table: pa.Table, signed: list[Any]) -> pa.Table:
         columns = {
             "exact_hash": pa.array([s[0] if s else None for s in signed], pa.string()),
             "signature": pa.array([s[1] if s else None for s in signed], pa.binary()),
             "band_keys": pa.array([s[2] if s else None for s in signed], pa.list_(pa.int64())),
-            "t_dedup": pa.array([share if k else 0.0 for k in kept], pa.float64()),
+            "t_dedup": pa.array([0.0] * len(signed), pa.float64()),  # timed by the pipeline (step "dedup")
         }
         for name, values in columns.items():
             table = table.append_column(name, values)
         return table
+
+
+def mask_rejected(rows: list[dict[str, Any]], pii: PIIConfig) -> None:
+    """Mask PII in the text and meta of every row that is not kept (dropped documents and quarantine
+    previews go to rejects/ as they are); kept rows were masked by the PII step already."""
+    every_kind = pii.model_copy(update={"enabled": True, "email": True, "phone": True, "ip": True, "card": True})
+    for row in rows:
+        if row["status"] != KEPT:
+            row["text"] = redact(row["text"], every_kind)[0]
+            if row["meta"] != "{}":
+                row["meta"] = redact(row["meta"], every_kind)[0]
 
 
 def _mark_duplicates(batch: pa.Table, removed: dict[str, tuple[str, str]]) -> pa.Table:
@@ -179,18 +245,62 @@ def _status_rows(ds, status: str, keep: bool = True):
 
 
 def _summarize(batch: pa.Table) -> pa.Table:
-    """Per-batch counts by (status, reason); summed on the driver."""
-    frame = batch.to_pandas()
+    """Per-batch counts by (status, reason, preset, source), and the steps' seconds (a JSON object on
+    the first row); summed on the driver."""
+    frame = batch.select([c for c in batch.column_names if c not in ("signature", "band_keys")]).to_pandas()
     frame["bytes_out"] = [len(t.encode("utf-8")) if s in (KEPT, DUPLICATE) else 0
                           for t, s in zip(frame["text"], frame["status"])]
     frame["n"] = 1
-    columns = ["n", "bytes_in", "bytes_out", *[f"pii_{k}" for k in PII_KINDS],
-               *[c for c in STEP_TIME_COLUMNS if c in frame.columns]]
-    grouped = frame.groupby(["status", "reason"], as_index=False)[columns].sum()
+    columns = ["n", "bytes_in", "bytes_out", *[f"pii_{k}" for k in PII_KINDS]]
+    grouped = frame.groupby(["status", "reason", "preset", "source"], as_index=False)[columns].sum()
+    seconds: dict[str, float] = {}
+    if "step_seconds" in frame.columns:
+        for value in frame["step_seconds"]:
+            if value and value != "{}":
+                for name, t in json.loads(value).items():
+                    seconds[name] = seconds.get(name, 0.0) + t
+    grouped["step_seconds"] = [json.dumps(seconds)] + ["{}"] * (len(grouped) - 1)
     return pa.Table.from_pandas(grouped, preserve_index=False)
 
 
 # ---------------------------------------------------------------- the job
+
+def _bytes_in(batch: pa.Table) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(batch.column("bytes_in")).as_py() or 0)
+
+
+def _materialize_with_progress(ds, progress: Progress, expected_blocks: int):
+    """``ds.materialize()`` with a progress line: documents (block metadata), input MB (a tiny task per
+    block) and an ETA from the share of the expected blocks done. Same blocks, same order."""
+    import ray
+
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.input_data_operator import InputData
+        from ray.data.dataset import MaterializedDataset
+    except ImportError:  # another Ray Data layout: no progress, same result
+        return ds.materialize()
+    count_bytes = ray.remote(num_cpus=0)(_bytes_in)
+    bundles, pending, done = [], [], 0
+    for bundle in ds.iter_internal_ref_bundles():
+        bundles.append(dataclasses.replace(bundle, owns_blocks=False))  # our list keeps the blocks
+        for entry in bundle.blocks:
+            ref, meta = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
+            pending.append(count_bytes.remote(ref))
+            done += 1
+            progress.update(meta.num_rows or 0, 0, min(done / max(expected_blocks, 1), 0.99))
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        progress.update(0, sum(ray.get(ready)))
+    progress.update(0, sum(ray.get(pending)))
+    if not bundles:
+        return ds.materialize()
+    output = MaterializedDataset(LogicalPlan(InputData(input_data=bundles), ds.context), ds.context,
+                                 ds._raw_stats())
+    output._execute()
+    return output
+
 
 def _processing_blocks() -> int:
     """Blocks for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
@@ -202,21 +312,25 @@ def _processing_blocks() -> int:
 def _build_records(cfg: Config, files: list[InputFile]):
     import ray
 
-    parts = []
+    parts, blocks = [], 0
     if files:
-        items = [{"file": asdict(f)} for f in files]
-        # One read task per file; the records are then spread over a few blocks per CPU, since a
-        # single large file would otherwise be cleaned and filtered by one task on one core.
-        parts.append(ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            _read_file, fn_kwargs={"cfg": cfg.read}).repartition(_processing_blocks()))
+        # Read tasks balanced by bytes (large line files in byte ranges, small files grouped): each
+        # task then reads, cleans, filters and signs its share in one fused Ray Data task. Only a large
+        # file that cannot be cut (compressed) has its records spread over blocks by a repartition.
+        groups, uneven = balance_read_tasks(files, _file_sizes(files), _processing_blocks(), cfg.read)
+        items = [{"files": [asdict(f) for f in group]} for group in groups]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(_read_files, fn_kwargs={"cfg": cfg.read})
+        parts.append(ds.repartition(_processing_blocks()) if uneven else ds)
+        blocks += _processing_blocks() if uneven else len(items)
     if BUILTIN in cfg.inputs:
         # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
         pieces = builtin_parts(_processing_blocks())
         parts.append(ray.data.from_items(pieces, override_num_blocks=len(pieces)).flat_map(_read_builtin))
+        blocks += len(pieces)
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.union(part)
-    return ds
+    return ds, blocks
 
 
 def _ids_and_sample(batch: pa.Table, seed: int, rate: float) -> pa.Table:
@@ -230,15 +344,24 @@ def _ids_and_sample(batch: pa.Table, seed: int, rate: float) -> pa.Table:
 def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """(counts, totals by (status, reason), CPU seconds of each per-document step) in one pass."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
-    seconds = dict.fromkeys(STEP_TIME_COLUMNS, 0.0)
+    seconds: dict[str, float] = {}
+    presets: dict[str, dict[str, int]] = {}
+    by_source: dict[str, dict[str, int]] = {}
     for row in final.map_batches(_summarize, batch_format="pyarrow").take_all():
         key = (row["status"], row["reason"])
         bucket = totals.setdefault(key, {})
+        for name, value in json.loads(row["step_seconds"]).items():
+            seconds[name] = seconds.get(name, 0.0) + float(value)
         for name, value in row.items():
-            if name in seconds:
-                seconds[name] += float(value)
-            elif name not in ("status", "reason"):
+            if name not in ("status", "reason", "preset", "source", "step_seconds"):
                 bucket[name] = bucket.get(name, 0) + int(value)
+        if row["preset"]:
+            judged = presets.setdefault(row["preset"], {"documents": 0, "kept": 0, "bytes_in": 0})
+            judged["documents"] += int(row["n"])
+            judged["kept"] += int(row["n"]) if row["status"] == KEPT else 0
+            judged["bytes_in"] += int(row["bytes_in"])
+            per_source = by_source.setdefault(row["source"], {})
+            per_source[row["preset"]] = per_source.get(row["preset"], 0) + int(row["n"])
 
     def total(field: str, status: str | None = None, prefix: str = "") -> int:
         return sum(v[field] for (s, r), v in totals.items()
@@ -257,6 +380,10 @@ def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         "bytes_quarantined": total("bytes_in", QUARANTINED), "bytes_duplicates": total("bytes_out", DUPLICATE),
         "by_reason": by_reason, "by_step": by_filter,
         "pii": {k: total(f"pii_{k}", KEPT) for k in PII_KINDS},
+        # Which preset judged the documents (documents that reached the preset step): per preset and
+        # per input source, so every document's preset is known from where it came from.
+        "by_preset": dict(sorted(presets.items())),
+        "preset_by_source": dict(sorted(by_source.items())),
     }
     return counts, totals, seconds
 
@@ -310,10 +437,12 @@ def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: se
     writers = {split: ShardWriter(split, cfg.pack.sequence_length, cfg.pack.rows_per_shard, dtype, write,
                                   cfg.pack.last_row) for split in ("train", "validation")}
     cpu_seconds = 0.0
-    for batch in tokenized.iter_batches(batch_size=256, batch_format="numpy"):
-        cpu_seconds += float(np.sum(batch["t_tokenize"]))
-        for split, tokens, n_bytes in zip(batch["split"], batch["tokens"], batch["n_bytes"]):
-            writers[str(split)].add(np.frombuffer(tokens, dtype=np.uint32), int(n_bytes))
+    with Progress("data: tokenize, pack", total=kept.count()) as progress:
+        for batch in tokenized.iter_batches(batch_size=256, batch_format="numpy"):
+            cpu_seconds += float(np.sum(batch["t_tokenize"]))
+            for split, tokens, n_bytes in zip(batch["split"], batch["tokens"], batch["n_bytes"]):
+                writers[str(split)].add(np.frombuffer(tokens, dtype=np.uint32), int(n_bytes))
+            progress.update(len(batch["split"]), int(np.sum(batch["n_bytes"])))
     splits = {split: writer.finish() for split, writer in writers.items()}
     return {"splits": splits, "vocab_size": vocab, "dtype": dtype.name}, cpu_seconds
 
@@ -321,15 +450,15 @@ def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: se
 def run(config: Config) -> dict[str, Any]:
     started = time.time()
     phase: dict[str, float] = {}
-    files = resolve_inputs(config.inputs, config.read)  # bad paths fail here, before Ray starts
+    skipped: list[SkippedFile] = []
+    # Bad paths fail here, before Ray starts; PATH:preset sets the filter preset of PATH's documents.
+    files = resolve_inputs(config.inputs, config.read, skipped, presets=(*PRESETS, "published", "auto"))
+    steps = build_steps(config.steps, config, sign=config.dedup.exact or config.dedup.near)  # user steps load here
     if config.tokenizer.path and not (Path(config.tokenizer.path).is_file()
                                       or (Path(config.tokenizer.path) / "tokenizer.model").is_file()):
         raise ConfigError(f"config field 'tokenizer.path': {config.tokenizer.path} not found")
-    preset = config.filters.preset
-    if preset == "auto":
-        preset = "code_docs" if config.inputs == [BUILTIN] else "published"
-    filters = effective_filters(config.filters, preset)
     run_dir = RunDir(config.run)
+    run_dir.check_writable(STAGE)  # a bad --run fails here in one line, not after the whole job
 
     import ray
     from ray.data.context import ShuffleStrategy
@@ -349,28 +478,31 @@ def run(config: Config) -> dict[str, Any]:
     mark = time.perf_counter()
     # Plain tasks, not actors: the processor holds nothing costly to build, and tasks start faster.
     dedup_on = config.dedup.exact or config.dedup.near
-    processor = ProcessBatch(config.clean, filters, config.pii, config.dedup if dedup_on else None)
-    processed = _build_records(config, files).map_batches(
-        processor, batch_format="pyarrow", batch_size=32).materialize()
+    processor = ProcessBatch(steps, config.pii, config.filters.preset)
+    records, expected_blocks = _build_records(config, files)
+    with Progress("data: read, clean, filter, PII, sign") as progress:
+        processed = _materialize_with_progress(records.map_batches(processor, batch_format="pyarrow", batch_size=32),
+                                               progress, expected_blocks)
     phase["read_clean_filter_pii_sign"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     survivors = _status_rows(processed, KEPT)
     removed: dict[str, tuple[str, str]] = {}
     dedup_stats: dict[str, Any] = {}
-    if dedup_on:
-        removed, dedup_stats = dedup_dataset(survivors, config.dedup, signed=True)
-    # The per-step timing columns ride along until the one summary pass below has summed them.
-    final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed},
-                                  batch_format="pyarrow").materialize()
+    with Progress("data: dedup") as progress:
+        if dedup_on:
+            removed, dedup_stats = dedup_dataset(survivors, config.dedup, signed=True)
+            progress.update(dedup_stats.get("documents", 0))
+        # The per-step timing columns ride along until the one summary pass below has summed them.
+        final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed},
+                                      batch_format="pyarrow").materialize()
     phase["dedup"] = time.perf_counter() - mark
 
     counts, _, step_seconds = _aggregate_counts(final)
     if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
         raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
-    step_cpu = {name[2:]: round(step_seconds[name], 3) for name in STEP_TIME_COLUMNS}
-    if "cpu_seconds_signatures" in dedup_stats:
-        step_cpu["dedup"] = dedup_stats.pop("cpu_seconds_signatures")
+    step_cpu = {name: round(value, 3) for name, value in step_seconds.items()}
+    dedup_stats.pop("cpu_seconds_signatures", None)  # the signing is the pipeline's "dedup" step
 
     rejects_dir = run_dir.path(STAGE, "rejects")
     run_dir.fs.delete_dir_contents(rejects_dir, missing_dir_ok=True)
@@ -391,7 +523,9 @@ def run(config: Config) -> dict[str, Any]:
     kept_ids = [r["id"] for r in rows]
     sampled = [r for r in rows if r["text"] is not None]
     del rows
-    model_bytes, tok_info = _train_or_load_tokenizer(config, sampled)
+    with Progress("data: tokenizer" + (" (reused)" if config.tokenizer.path else " training"), unit="docs") as progress:
+        model_bytes, tok_info = _train_or_load_tokenizer(config, sampled)
+        progress.update(tok_info.get("sample_documents", 0), tok_info.get("sample_bytes", 0))
     run_dir.write_bytes(f"{STAGE}/tokenizer/tokenizer.model", model_bytes)
     phase["tokenizer"] = time.perf_counter() - mark
 
@@ -406,6 +540,9 @@ def run(config: Config) -> dict[str, Any]:
     tokens_out = sum(s["tokens"] for s in splits.values())
     tok_info["bytes_per_token"] = round(counts["bytes_out"] / max(tokens_out, 1), 4)
     counts["tokens_out"] = tokens_out
+    counts["files_skipped"] = len(skipped)
+    counts["files_skipped_by_reason"] = {r: sum(1 for f in skipped if f.reason == r)
+                                         for r in sorted({f.reason for f in skipped})}
     duplicates = {doc: target for doc, (target, _) in sorted(removed.items())}
     outputs = {
         "tokenizer": "tokenizer/tokenizer.model",
@@ -420,8 +557,11 @@ def run(config: Config) -> dict[str, Any]:
     }
     manifest = new_manifest(
         STAGE, config, started,
-        inputs={"inputs": config.inputs, "files": len(files), "filters_preset": preset,
-                "effective_filters": filters.model_dump(mode="json")},
+        inputs={"inputs": config.inputs, "files": len(files), "filters_preset": config.filters.preset,
+                "steps": [s.name for s in steps],
+                "skipped_files": [{"path": f.path, "reason": f.reason} for f in skipped],
+                "effective_filters": {p: effective_filters(config.filters, p).model_dump(mode="json")
+                                      for p in PRESETS}},
         outputs=outputs, counts=counts,
         figures={"tokenizer": tok_info, "dedup": {**dedup_stats, "duplicates": duplicates},
                  "cpu_seconds_by_step": step_cpu},

@@ -8,6 +8,7 @@ checkpoint is never what ``ray.train.get_checkpoint()`` (or a ``--resume`` job) 
 Layout of one checkpoint::
 
     ds/<DEEPSPEED_TAG>/...        DeepSpeed's own files (one optimizer shard per rank under ZeRO)
+    ds-<name>/<DEEPSPEED_TAG>/... the same for each other trained engine (PPO's critic)
     trainer_state-rank<r>.json    step, data position and RNG states of rank r
     model/                        model.safetensors + config.json + tokenizer.model (rank 0)
 """
@@ -63,19 +64,24 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_unb64(states["cuda"]))
 
 
-def save_training_state(engine, directory: Path, rank: int, trainer_state: dict[str, Any]) -> None:
-    """Collective: every rank must call it (DeepSpeed synchronises inside)."""
+def save_training_state(engine, directory: Path, rank: int, trainer_state: dict[str, Any],
+                        others: dict[str, Any] | None = None) -> None:
+    """Collective: every rank must call it (DeepSpeed synchronises inside). ``others``: more trained
+    engines by name (PPO's critic), each under ``ds-<name>/``."""
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    for name, other in (others or {}).items():
+        other.save_checkpoint(str(directory / f"{DEEPSPEED_DIR}-{name}"), tag=DEEPSPEED_TAG)
     state = {**trainer_state, "rng": rng_states()}
     (directory / _state_file(rank)).write_text(json.dumps(state))
 
 
-def load_training_state(engine, directory: Path, rank: int) -> dict[str, Any]:
-    """Collective. Restores the engine and this rank's RNGs; returns the trainer state (step, ...)."""
-    path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"checkpoint {directory}: DeepSpeed found no state to load")
+def load_training_state(engine, directory: Path, rank: int, others: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Collective. Restores the engines and this rank's RNGs; returns the trainer state (step, ...)."""
+    for name, target in (("", engine), *(others or {}).items()):
+        path, _ = target.load_checkpoint(str(directory / (f"{DEEPSPEED_DIR}-{name}" if name else DEEPSPEED_DIR)),
+                                         tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"checkpoint {directory}: DeepSpeed found no {name or 'model'} state to load")
     state_file = directory / _state_file(rank)
     if not state_file.is_file():  # restarted with more workers: fall back to rank 0's position
         state_file = directory / _state_file(0)

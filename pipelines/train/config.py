@@ -40,6 +40,8 @@ class BatchConfig(StrictModel):
     micro_batch_size: int = Field(8, ge=1, description="sequences per worker per forward pass")
     global_batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step across all workers; "
                                      "reached with gradient accumulation")
+    global_batch_sequences: int | None = Field(None, ge=1, description="sequences (or pairs) per optimizer step "
+                                               "across all workers; when set, wins over global_batch_tokens")
 
 
 class LengthConfig(StrictModel):
@@ -68,6 +70,7 @@ class EvalConfig(StrictModel):
     max_rows: int = Field(256, ge=1, description="validation rows evaluated each time (split among workers)")
     samples: int = Field(2, ge=0, description="continuations sampled from the model at each evaluation")
     sample_tokens: int = Field(32, ge=1)
+    at_start: bool = Field(False, description="also evaluate before the first step (the starting model's figures)")
 
 
 class FaultConfig(StrictModel):

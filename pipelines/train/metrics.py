@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,21 +34,25 @@ def say(line: str) -> None:
     both reach the driver: every progress line showed twice. Writing to the stream directly shows it
     once (and it still lands in the worker's log file).
     """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    from pipelines.console import say as console_say
+
+    console_say(line)
 
 
 class MetricsLogger:
     """Rank 0's sink for step and evaluation metrics."""
 
     def __init__(self, out_dir: Path, total_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, log_every: int, start_step: int, enabled: bool = True, prefix: str = "train"):
+                 peak_flops: float, log_every: int, start_step: int, enabled: bool = True, prefix: str = "train",
+                 progress_figures: tuple[str, ...] = ()):
         self.enabled = enabled
+        self.progress_figures = progress_figures
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.log_every, self.prefix = log_every, prefix
         self.start_step, self.started = start_step, time.perf_counter()
         self.step_seconds: list[float] = []
+        self.tokens_seen = 0  # tokens processed since this (re)start, for Tasks that count their own
         self.writer = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,14 +74,19 @@ class MetricsLogger:
                 if key not in ("step", "kind", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict[str, Any]:
-        """Record optimizer step ``step`` (1-based) that took ``seconds``."""
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float,
+             tokens: int | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """Record optimizer step ``step`` (1-based) that took ``seconds``. ``tokens``: the tokens the step
+        really processed, when a Task knows it (padded batches); else the plan's tokens per step."""
         self.step_seconds.append(seconds)
-        tokens_per_s = self.tokens_per_step / seconds
+        step_tokens = tokens if tokens is not None else self.tokens_per_step
+        self.tokens_seen += step_tokens
+        tokens_per_s = step_tokens / seconds
         model_flops = tokens_per_s * self.flops_per_token
         record = {"kind": "train", "step": step, "time": time.time(), "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
-                  "model_flops_per_s": model_flops, "mfu": model_flops / self.peak_flops if self.peak_flops else None}
+                  "grad_norm": grad_norm, "tokens": step * self.tokens_per_step if tokens is None else self.tokens_seen,
+                  "tokens_per_s": tokens_per_s, "model_flops_per_s": model_flops,
+                  "mfu": model_flops / self.peak_flops if self.peak_flops else None, **(metrics or {})}
         self._write(record)
         if self.enabled and (step % self.log_every == 0 or step == self.total_steps or step == self.start_step + 1):
             say(self.progress_line(record))
@@ -95,7 +103,8 @@ class MetricsLogger:
         pct = 100.0 * step / self.total_steps
         gnorm = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "-"
         mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "-"
-        return (f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%) | loss {record['loss']:.4f} | "
+        extra = "".join(f"{name} {record[name]:.4f} | " for name in self.progress_figures if name in record)
+        return (f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%) | loss {record['loss']:.4f} | {extra}"
                 f"lr {record['lr']:.2e} | gnorm {gnorm} | {format_rate(record['tokens_per_s'], 'tok/s')} | "
                 f"{format_rate(record['model_flops_per_s'], 'FLOP/s')} MFU {mfu} | "
                 f"elapsed {format_duration(time.perf_counter() - self.started)} ETA {format_duration(eta)}")
@@ -159,6 +168,34 @@ def plot_curves(records: list[dict[str, Any]], target: Path, title: str) -> Path
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def plot_series(records: list[dict[str, Any]], names: tuple[str, ...], target: Path, title: str) -> Path | None:
+    """One panel per training metric (e.g. PPO's reward and KL per iteration), with the validation
+    figure of the same name where evaluations logged one."""
+    train = [r for r in records if r["kind"] == "train"]
+    names = tuple(n for n in names if any(n in r for r in train))
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        points = [(r["step"], r[name]) for r in train if r.get(name) is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, lw=1, label=name)
+        ax.set_ylabel(name.split("/")[-1])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("iteration")
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)

@@ -61,7 +61,7 @@ def resolve_precision(requested: str, has_gpu: bool, gpu_bf16: bool) -> str:
 def make_plan(config: TrainConfig, sequence_length: int, flops_per_token: float, num_parameters: int,
               precision: str) -> TrainPlan:
     world, micro = config.num_workers, config.batch.micro_batch_size
-    wanted_sequences = max(1, round(config.batch.global_batch_tokens / sequence_length))
+    wanted_sequences = config.batch.global_batch_sequences or max(1, round(config.batch.global_batch_tokens / sequence_length))
     accum = max(1, round(wanted_sequences / (micro * world)))
     tokens_per_step = micro * accum * world * sequence_length
     length = config.length
