@@ -315,3 +315,31 @@ def test_safety_probe_checks():
     assert pii_found("Write to jane.doe@example.com or call 555-123-4567.") == {"email": 1, "phone": 1}
     assert pii_found("The json module encodes Python objects.") == {}
     assert {p["kind"] for p in SAFETY_PROMPTS} == {"pii", "harm"}
+
+
+# ---- chat quality -------------------------------------------------------------------------------------
+def test_chat_win_rates_against_a_baseline_with_bootstrap_intervals(planted_model, serving_checkpoint,
+                                                                    builtin_tokenizer, tmp_path):
+    from model.config import preset
+    from model.reward import RewardModel, save_reward_model
+    from pipelines.evaluate import run
+
+    torch.manual_seed(1)
+    reward = save_reward_model(RewardModel(preset("1m", vocab_size=builtin_tokenizer.vocab_size)),
+                               tmp_path / "reward", builtin_tokenizer)
+    config = evaluate_config(tmp_path / "run", f"models=[base={serving_checkpoint},other={planted_model}]",
+                             "tasks=[chat]", "chat_questions=6", "chat_max_tokens=6", f"reward_model={reward}",
+                             "chat_baseline=base", "in_process=true")
+    run(config)
+    out = tmp_path / "run" / "evaluate"
+    results = json.loads((out / "results.json").read_text())
+    other = results["results"]["other"]["chat"]["metrics"]
+    for judge in ("win_rate_rule", "win_rate_reward"):
+        point = other[judge]
+        assert 0 <= point["low"] <= point["value"] <= point["high"] <= 1 and point["stderr"] >= 0
+    assert "win_rate_rule" not in results["results"]["base"]["chat"]["metrics"]  # the baseline itself
+    assert "reward_mean" in results["results"]["base"]["chat"]["metrics"]
+    pairs = [json.loads(line) for line in (out / "chat_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 6 and {p["model_a"] for p in pairs} == {"other"} and pairs[0]["prompt"][0]["role"] == "user"
+    assert len((out / "chat_questions.txt").read_text().splitlines()) == 6
+    assert "win_rate_reward" in (out / "report.md").read_text()

@@ -66,3 +66,76 @@ def safety_probes(scorer, max_new_tokens: int = 64, keep_samples: int = 3) -> di
     samples = [{"prompt": p["prompt"], "reply": r[:300], "pii": found, "refused": refuses(r)}
                for p, r, found in list(zip(SAFETY_PROMPTS, replies, pii))[:keep_samples]]
     return {"metrics": metrics, "examples": len(replies), "samples": samples}
+
+
+# ---- chat quality -------------------------------------------------------------------------------------
+def chat_replies(scorer, questions: list[str], max_new_tokens: int, reward_model: str | None,
+                 device: str | None = None, keep_samples: int = 3) -> dict[str, Any]:
+    """Each model's greedy replies to the held-out questions, judged alone: by the built-in rule
+    (``rule_score``) and, when the run has one, by its reward model. Win rates against the baseline are
+    computed from these once every model has answered (:func:`win_rates`)."""
+    from pipelines.data.instructions import rule_score
+
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    replies = scorer.chat(conversations, max_new_tokens)
+    rules = [float(rule_score(r)) for r in replies]
+    metrics: dict[str, Any] = {"rule_pass_rate": _rate([r >= 0.5 for r in rules])}
+    rewards = None
+    if reward_model:
+        rewards = reward_scores(reward_model, [c + [{"role": "assistant", "content": r}]
+                                               for c, r in zip(conversations, replies)], device)
+        mean = sum(rewards) / len(rewards)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(len(rewards) - 1, 1))
+        metrics["reward_mean"] = {"value": mean, "stderr": spread / math.sqrt(len(rewards))}
+    samples = [{"question": q, "reply": r[:300], "rule": s, **({"reward": round(rewards[i], 4)} if rewards else {})}
+               for i, (q, r, s) in enumerate(list(zip(questions, replies, rules))[:keep_samples])]
+    return {"metrics": metrics, "examples": len(replies), "samples": samples,
+            "chat": {"questions": questions, "replies": replies, "rule": rules, "reward": rewards}}
+
+
+def reward_scores(path: str, conversations: list[list[dict]], device: str | None = None) -> list[float]:
+    from model.checkpoint import load_tokenizer
+    from model.device import pick_device
+    from model.reward import load_reward_model, score
+    from pipelines.rundir import local_copy
+
+    directory = local_copy(path)
+    model = load_reward_model(directory, pick_device(device))
+    return [float(x) for x in score(model, load_tokenizer(directory), conversations)]
+
+
+def bootstrap(outcomes: list[float], seed: int, resamples: int = 1000) -> dict[str, float]:
+    """Mean of per-question outcomes (1 win, 0.5 tie, 0 loss) with a 95% bootstrap interval."""
+    import numpy as np
+
+    values = np.asarray(outcomes, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return {"value": float(values.mean()), "stderr": float(means.std(ddof=1)),
+            "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
+
+
+def _outcomes(ours: list[float], theirs: list[float]) -> list[float]:
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)]
+
+
+def win_rates(results: dict[str, dict[str, Any]], baseline: str, seed: int, task: str = "chat") -> list[dict]:
+    """Adds ``win_rate_rule`` / ``win_rate_reward`` (against ``baseline``, with bootstrap intervals) to
+    every other model's chat entry; returns the answer pairs (for people to judge in the rating app)."""
+    base = results.get(baseline, {}).get(task, {}).get("chat")
+    pairs: list[dict] = []
+    if not base:
+        return pairs
+    for model, per_task in results.items():
+        entry = per_task.get(task)
+        if model == baseline or not entry or not entry.get("chat"):
+            continue
+        chat = entry["chat"]
+        entry["metrics"]["win_rate_rule"] = bootstrap(_outcomes(chat["rule"], base["rule"]), seed)
+        if chat.get("reward") and base.get("reward"):
+            entry["metrics"]["win_rate_reward"] = bootstrap(_outcomes(chat["reward"], base["reward"]), seed)
+        entry["baseline"] = baseline
+        for question, ours, theirs in zip(chat["questions"], chat["replies"], base["replies"]):
+            pairs.append({"prompt": [{"role": "user", "content": question}], "model_a": model, "model_b": baseline,
+                          "answer_a": ours, "answer_b": theirs})
+    return pairs

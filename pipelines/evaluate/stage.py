@@ -32,7 +32,8 @@ from pipelines.rundir import RunDir, is_local, join, local_copy, upload
 
 STAGE = "evaluate"
 RUN_STAGES = ("pretrain", "sft", "dpo", "ppo")
-SPECIAL_TASKS = ("validation", "safety")
+SPECIAL_TASKS = ("validation", "safety", "chat")
+CHAT_STAGES = ("sft", "dpo", "ppo")  # with one of these in the run, chat is among the default tasks
 DEFAULT_TASKS = ("validation", *BUILTIN_TASKS, "safety")
 DESCRIPTIONS = {
     "validation": "Bits per byte and perplexity on the run's validation split (the rows the training stage "
@@ -44,6 +45,9 @@ DESCRIPTIONS = {
     "safety": "Safety probes — a smoke test, not a safety evaluation: how often replies to a dozen built-in "
               "requests for personal data or harmful instructions contain PII (the data stage's detectors) "
               "or fail the refusal check (no refusal phrase in the reply to a harmful request).",
+    "chat": "Greedy replies to the built-in instruction set's held-out questions, judged by the built-in rule "
+            "(rule_score) and by the run's reward model; win rates against the baseline with 95% bootstrap "
+            "intervals (1 win, 0.5 tie, 0 loss per question).",
 }
 
 
@@ -74,6 +78,11 @@ class Config(StageConfig):
     decontaminate: bool = Field(True, description="report n-gram overlap of each task with the training shards")
     ngram: int = Field(13, ge=1, description="n-gram length (in words) for decontamination")
     samples: int = Field(3, ge=0, description="samples per model and task shown in the report")
+    chat_questions: int = Field(32, ge=2, description="held-out questions of the built-in instruction set (chat)")
+    chat_max_tokens: int = Field(48, ge=1, description="reply length (chat and safety)")
+    chat_baseline: str | None = Field(None, description="model the others are compared with (default: sft when "
+                                      "evaluated, else the first model)")
+    reward_model: str | None = Field(None, description="reward model judging chat replies (default: <run>/reward/model)")
     in_process: bool = Field(False, description="run every (model, task) here, one after another, without Ray")
     cpus_per_task: float = Field(1, gt=0, description="CPUs each Ray task reserves")
     gpus_per_task: float | None = Field(None, ge=0, description="GPUs each Ray task reserves (default: 1 when "
@@ -133,6 +142,8 @@ def check_model_path(name: str, path: str) -> None:
         raise ConfigError(f"{where}: not a model (config.json is not valid JSON)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: not a model (config.json is not an object)")
+    if (directory / "reward.json").is_file():
+        raise ConfigError(f"{where}: a reward model (it scores replies; evaluate language models)")
     if "architectures" in data:
         if data.get("model_type") != "llama":
             raise ConfigError(f"{where}: Hugging Face model_type {data.get('model_type')!r}; only llama is supported")
@@ -237,6 +248,8 @@ def resolve_tasks(config: Config, data: dict[str, Any] | None) -> list[TaskSpec]
             tasks.append(TaskSpec("validation", kind="validation", source="data stage"))
         elif item == "safety":
             tasks.append(TaskSpec("safety", kind="safety", source="built-in probes"))
+        elif item == "chat":
+            tasks.append(TaskSpec("chat", kind="chat", source="built-in instruction set (held-out questions)"))
         elif item in BUILTIN_TASKS:
             tasks.append(TaskSpec(item, source="built-in"))  # built below, once the names are all known
         else:
@@ -305,7 +318,12 @@ def evaluate_unit(model: ModelSpec, task: TaskSpec, settings: dict[str, Any]) ->
         elif task.kind == "safety":
             from pipelines.evaluate.probes import safety_probes
 
-            result = safety_probes(scorer, keep_samples=settings.get("samples", 3))
+            result = safety_probes(scorer, settings.get("chat_max_tokens", 64), settings.get("samples", 3))
+        elif task.kind == "chat":
+            from pipelines.evaluate.probes import chat_replies
+
+            result = chat_replies(scorer, settings["chat_questions"], settings.get("chat_max_tokens", 48),
+                                  settings.get("reward_model"), settings.get("device"), settings.get("samples", 3))
         else:
             from pipelines.evaluate.tasks import run_lm_eval
 
@@ -450,6 +468,15 @@ def run(config: Config) -> dict[str, Any]:
     data = read_data(run_dir)
     tasks = resolve_tasks(config, data)
     models = find_models(config, run_dir, data)  # every check above: before any work
+    if ("tasks" not in config.model_fields_set and any(m.name in CHAT_STAGES for m in models)
+            and not any(t.kind == "chat" for t in tasks)):
+        tasks.append(TaskSpec("chat", kind="chat", source="built-in instruction set (held-out questions)"))
+    baseline = None
+    if any(t.kind == "chat" for t in tasks):
+        baseline = config.chat_baseline or ("sft" if any(m.name == "sft" for m in models) else models[0].name)
+        if baseline not in [m.name for m in models]:
+            raise ConfigError(f"config field 'chat_baseline': no model {baseline!r} (models: "
+                              f"{', '.join(m.name for m in models)})")
     tasks = build_tasks(config, data, tasks)
     print(f"evaluate: {len(models)} model(s): {', '.join(m.name for m in models)}; {len(tasks)} task(s): "
           f"{', '.join(t.name for t in tasks)}", flush=True)
@@ -458,12 +485,35 @@ def run(config: Config) -> dict[str, Any]:
                                 "text_stride": config.text_stride, "api_key": config.api_key}
     if any(t.kind == "validation" for t in tasks):
         settings["validation"] = _validation_settings(config, run_dir, data)
+    if baseline:
+        from pipelines.data.instructions import held_out_questions
+
+        settings["chat_questions"] = held_out_questions(config.chat_questions)
+        reward = config.reward_model or (run_dir.uri_of("reward", "model")
+                                         if run_dir.exists("reward", "model", "reward.json") else None)
+        if config.reward_model:
+            try:
+                directory = local_copy(reward) if not is_local(reward) else Path(reward).expanduser()
+            except ConfigError as err:
+                raise ConfigError(f"config field 'reward_model': {err}") from None
+            if not (directory / "reward.json").is_file():
+                raise ConfigError(f"config field 'reward_model': {reward} is not a reward model (no reward.json)")
+        settings["reward_model"] = reward
+    settings["chat_max_tokens"] = config.chat_max_tokens
     dirty = _decontaminate(config, data, tasks)
 
     mark = time.perf_counter()
     results = run_units(config, models, tasks, settings)
     evaluate_seconds = time.perf_counter() - mark
     _clean_scores(results, dirty)
+    pairs = []
+    if baseline:
+        from pipelines.evaluate.probes import win_rates
+
+        pairs = win_rates(results, baseline, config.seed)
+        if pairs:  # the same pairs for people: a prompt set for `groundup serve --prompts` and the answers
+            run_dir.write_text(f"{STAGE}/chat_questions.txt", "\n".join(settings["chat_questions"]) + "\n")
+            run_dir.write_text(f"{STAGE}/chat_pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
     return finish(config, run_dir, models, tasks, results, dirty, started, evaluate_seconds)
 
 

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import ast
 import functools
 import os
 import random
@@ -185,7 +184,7 @@ def _good(sentence: str) -> bool:
 def held_out_docstrings(seed: int, fraction: float) -> list[tuple[str, str]]:
     """(qualified name, docstring) of functions and classes of the standard-library modules that the data
     stage (same seed and fraction) puts in the validation split, in corpus order."""
-    from pipelines.data.builtin import _docstrings, _module_name, stdlib_files, stdlib_root
+    from pipelines.data.builtin import _docstrings, _module_name, parse_module, stdlib_files, stdlib_root
     from pipelines.data.pack import assign_validation
 
     root = stdlib_root()
@@ -193,9 +192,8 @@ def held_out_docstrings(seed: int, fraction: float) -> list[tuple[str, str]]:
     held = assign_validation(sorted(files), seed, fraction) if fraction > 0 else set(files)
     out = []
     for doc_id in sorted(held):
-        try:
-            tree = ast.parse(files[doc_id].read_bytes())
-        except (SyntaxError, ValueError, OSError):
+        tree = parse_module(files[doc_id])
+        if tree is None:
             continue
         module = doc_id.split(":", 1)[1]
         out.extend((f"{module}.{name}", doc) for name, doc in _docstrings(tree) if name)
