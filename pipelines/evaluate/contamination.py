@@ -2,7 +2,7 @@
 
 As the GPT-3 paper did: text is lower-cased and split into words (runs of letters and digits); an
 example is contaminated when any of its 13-grams (``ngram``) also occurs in the training data. Examples
-shorter than ``ngram`` words are compared on all their words. The training shards are decoded with the
+shorter than ``ngram`` words are never flagged (reported in ``max_overlap`` as 0). The training shards are decoded with the
 run's tokenizer (rows are consecutive pieces of the token stream, so the stream comes back whole) and
 their n-grams kept as 64-bit hashes: memory grows with the training text (about 8 bytes per word),
 which suits runs up to a few GB of text on one node.
@@ -29,10 +29,8 @@ def _hash_words(tokens: Sequence[str]) -> np.ndarray:
 
 def ngram_hashes(tokens: Sequence[str], n: int) -> np.ndarray:
     """A 64-bit hash of every run of ``n`` consecutive words (polynomial rolling over word hashes)."""
-    if not tokens:
-        return np.zeros(0, dtype=np.uint64)
     if len(tokens) < n:
-        n = len(tokens)
+        return np.zeros(0, dtype=np.uint64)
     base = _hash_words(tokens)
     out = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
     multiplier = np.uint64(1099511628211)
@@ -49,8 +47,6 @@ class TrainingNgrams:
         self.n = n
         parts = [np.unique(ngram_hashes(words(text), n)) for text in texts]
         self.hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
-        self.short: dict[int, np.ndarray] = {}
-        self._texts_words = None
 
     @classmethod
     def from_shards(cls, shards, tokenizer, n: int = 13, chunk_rows: int = 4096) -> "TrainingNgrams":
@@ -79,12 +75,10 @@ class TrainingNgrams:
 
     def overlap(self, text: str) -> float:
         """The share of the example's n-grams found in the training text."""
-        grams = ngram_hashes(words(text), self.n)
-        if len(grams) == 0 or len(self.hashes) == 0:
-            return 0.0
-        if len(words(text)) < self.n:  # a short example: look for its whole word run inside training n-grams
-            return 0.0  # (cannot be decided from n-gram hashes; GPT-3 skipped such examples as well)
-        return float(np.isin(grams, self.hashes).mean())
+        tokens = words(text)
+        if len(tokens) < self.n or len(self.hashes) == 0:
+            return 0.0  # shorter than one n-gram: not decidable from n-grams (GPT-3 left such examples out too)
+        return float(np.isin(ngram_hashes(tokens, self.n), self.hashes).mean())
 
 
 def contamination(examples: Sequence[str], ngrams: TrainingNgrams, threshold: float = 0.0) -> dict:

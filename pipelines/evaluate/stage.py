@@ -343,16 +343,6 @@ def _remote_unit():
     return ray.remote(evaluate_unit)
 
 
-def _silence_lm_eval_git() -> None:
-    """lm-eval asks git for its own commit (printing "fatal: not a git repository" outside one)."""
-    try:
-        import lm_eval.evaluator as evaluator
-
-        evaluator.get_git_commit_hash = lambda: None
-    except Exception:
-        pass
-
-
 def summary_line(entry: dict[str, Any]) -> str:
     from pipelines.evaluate.report import primary_metric
 
@@ -382,7 +372,6 @@ def run_units(config: Config, models: list[ModelSpec], tasks: list[TaskSpec],
         print(f"evaluate: [{done}/{total}] {model.name} × {task.name}: {summary_line(entry)}", flush=True)
 
     if config.in_process:
-        _silence_lm_eval_git()
         for index, (model, task) in enumerate(units, 1):
             report(index, model, task, evaluate_unit(model, task, settings))
         return results
@@ -394,8 +383,7 @@ def run_units(config: Config, models: list[ModelSpec], tasks: list[TaskSpec],
     gpus = config.gpus_per_task
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    remote = _remote_unit().options(num_cpus=config.cpus_per_task, num_gpus=gpus,
-                                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}})
+    remote = _remote_unit().options(num_cpus=config.cpus_per_task, num_gpus=gpus)  # lm-eval runs offline
     settings = {**settings, "threads": max(1, int(config.cpus_per_task))}
     pending = {remote.remote(model, task, settings): (model, task) for model, task in units}
     print(f"evaluate: {total} Ray tasks ({len(models)} models x {len(tasks)} tasks)", flush=True)

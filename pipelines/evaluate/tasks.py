@@ -372,7 +372,11 @@ def run_lm_eval(scorer, task: TaskSpec, limit: int | None, num_fewshot: int | No
         for noisy in ("lm_eval", "lm-eval", "datasets", "evaluate"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import lm_eval
+        import lm_eval.evaluator
         from lm_eval.tasks import TaskManager
+
+        # lm-eval asks git for the current commit, printing "fatal: not a git repository" outside one.
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
 
         model = lm_class()(scorer=scorer)
         manager = TaskManager(include_path=include, include_defaults=False)
