@@ -69,7 +69,7 @@ def evaluate_config(run, *overrides: str):
 
 
 @pytest.fixture(scope="session")
-def evaluated_run(pretrained_run, serving_checkpoint, tmp_path_factory):
+def evaluated_run(serving_checkpoint, pretrained_run, tmp_path_factory):  # the tokenizer before Ray starts
     """The pretrained run evaluated as a Ray job: its own model plus an untrained one with another
     tokenizer (``--model random=...``), on validation, a built-in task and a text corpus."""
     from pipelines.evaluate import run
@@ -148,6 +148,9 @@ def test_evaluate_rejects_bad_input_in_one_line(pretrained_run, tmp_path):
     ):
         one_error_line(groundup("evaluate", "--run", str(run_dir), *args), *needles)
     assert not (tmp_path / "evaluate").exists()
+    module = subprocess.run([sys.executable, "-m", "pipelines.evaluate", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert module.returncode == 0 and "--endpoint" in module.stdout  # the Ray job entrypoint
 
 
 # ---- lm-eval tasks: a planted answer ---------------------------------------------------------------
@@ -275,6 +278,7 @@ def test_endpoint_and_lm_eval_local_completions_match_in_process_scores(serving_
     theirs = [s.logprob for s in remote.loglikelihood(pairs)]
     assert theirs == pytest.approx(ours, abs=1e-3)
     texts = ["A longer text, scored with a sliding window of the model's context. " * 40]
+    local.max_len = remote.max_len  # the same windows (the server keeps one position for a new token)
     assert remote.rolling(texts, stride=64)[0].logprob == pytest.approx(local.rolling(texts, stride=64)[0].logprob,
                                                                         abs=1e-3 * 40)
 
