@@ -9,7 +9,6 @@ which suits runs up to a few GB of text on one node.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Iterable, Sequence
 
@@ -22,16 +21,21 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _hash_words(tokens: Sequence[str]) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in tokens],
-                    dtype=np.uint64)
+_WORD_IDS: dict[str, int] = {}  # word -> a number, stable within this process (all hashing happens in one)
+
+
+def _word_numbers(tokens: Sequence[str]) -> np.ndarray:
+    ids = _WORD_IDS
+    numbers = np.fromiter((ids.setdefault(w, len(ids) + 1) for w in tokens), dtype=np.uint64, count=len(tokens))
+    with np.errstate(over="ignore"):  # spread the small ids over 64 bits (Fibonacci hashing)
+        return numbers * np.uint64(0x9E3779B97F4A7C15)
 
 
 def ngram_hashes(tokens: Sequence[str], n: int) -> np.ndarray:
-    """A 64-bit hash of every run of ``n`` consecutive words (polynomial rolling over word hashes)."""
+    """A 64-bit hash of every run of ``n`` consecutive words (polynomial rolling over word numbers)."""
     if len(tokens) < n:
         return np.zeros(0, dtype=np.uint64)
-    base = _hash_words(tokens)
+    base = _word_numbers(tokens)
     out = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
     multiplier = np.uint64(1099511628211)
     with np.errstate(over="ignore"):

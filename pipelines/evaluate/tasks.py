@@ -377,6 +377,7 @@ def run_lm_eval(scorer, task: TaskSpec, limit: int | None, num_fewshot: int | No
     """Run one task through lm_eval.simple_evaluate with our model class; metrics, stderrs, per-example
     correctness and a few samples."""
     os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-task progress bars: our line per task says it
     with tempfile.TemporaryDirectory(prefix="groundup-lmeval-") as scratch:
         os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")
         include = materialise(task, Path(scratch) / "tasks")
