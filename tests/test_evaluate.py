@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,7 +96,10 @@ def test_evaluate_bits_per_byte_equals_the_training_stage_figure(pretrained_run,
     # A model with another tokenizer is scored on the decoded text: still bits per byte, comparable.
     other = results["results"]["random"]["validation"]["metrics"]
     assert "decoded text" in other["method"]["value"]
-    assert other["bits_per_byte"]["value"] > validation["bits_per_byte"]["value"]  # untrained vs trained
+    # ... and an untrained model spreads its probability evenly: log2(vocabulary) bits per token.
+    vocab = json.loads((Path(results["models"]["random"]["path"]) / "config.json").read_text())["vocab_size"]
+    uniform = math.log2(vocab) * other["tokens"]["value"] / other["bytes"]["value"]
+    assert other["bits_per_byte"]["value"] == pytest.approx(uniform, rel=0.05)
     assert manifest["figures"]["pretrain"]["validation"]["bits_per_byte"] == validation["bits_per_byte"]["value"]
 
 
@@ -243,10 +247,17 @@ def test_contaminated_examples_are_flagged(builtin_data_dir):
     tokenizer = Tokenizer.load(builtin_data_dir / manifest["tokenizer"])
     shards = shards_from_manifest(str(builtin_data_dir), manifest["splits"]["train"], manifest["sequence_length"])
     ngrams = TrainingNgrams.from_shards(shards, tokenizer, n=13)
-    stream = shards.rows(list(range(200, 240))).reshape(-1).tolist()
-    start = stream.index(EOS_ID) + 1
-    copied = tokenizer.decode(stream[start:start + 600]).split("\n\n")
-    copied = next(p for p in copied if len(p.split()) >= 30)  # a passage of a training document
+    stream = shards.rows(list(range(200, 300))).reshape(-1).tolist()
+    segments, current = [], []
+    for token in stream:  # the documents (or parts of them) in these rows
+        if token == EOS_ID:
+            segments.append(current)
+            current = []
+        else:
+            current.append(token)
+    segments.append(current)
+    paragraphs = tokenizer.decode(max(segments, key=len)).split("\n\n")[1:-1]  # whole paragraphs only
+    copied = next(p for p in paragraphs if len(p.split()) >= 30)  # a passage of a training document
     examples = ["Which colour is the zorbald? It is a made-up thing that no document of the standard library "
                 "ever described, so its words are new.", f"Question: {copied} Answer: yes.",
                 "short example"]
