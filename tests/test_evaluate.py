@@ -272,6 +272,7 @@ def test_endpoint_and_lm_eval_local_completions_match_in_process_scores(serving_
     `groundup evaluate --endpoint` (/v1/completions echo + logprobs) and by lm-eval's own
     `local-completions` model against our server — the same log-likelihoods within 1e-3."""
     import lm_eval
+    import lm_eval.models  # noqa: F401  registers lm-eval's own model classes
     from lm_eval.tasks import TaskManager
 
     from model.hf import export_hf

@@ -310,6 +310,7 @@ def materialise(task: TaskSpec, directory: Path) -> list[str]:
 
 # ---- lm-eval ---------------------------------------------------------------------------------------
 def _register():
+    import lm_eval.models  # noqa: F401  lm-eval's own model classes (hf, local-completions, ...) beside ours
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 
