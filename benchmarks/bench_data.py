@@ -55,6 +55,7 @@ def perturbed_corpus(directory: Path, copies: int, seed: int = 0) -> Path:
 
 
 REAL_SUFFIXES = (".md", ".rst", ".txt")
+PER_PACKAGE = 80
 
 
 def real_corpus(directory: Path, min_mb: float = 10.0) -> Path:
@@ -78,10 +79,16 @@ def real_corpus(directory: Path, min_mb: float = 10.0) -> Path:
     (texts / "metadata.jsonl").write_text("\n".join(records) + "\n")
     total += (texts / "metadata.jsonl").stat().st_size
     count = 0
+    # At most PER_PACKAGE files from each top-level package, so no single family of generated files
+    # (say a CLI's thousands of example pages) makes up the corpus.
+    taken: dict[str, int] = {}
     for root in roots:
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in REAL_SUFFIXES and p.is_file()):
             if total >= min_mb * 1e6:
                 break
+            package = path.relative_to(root).parts[0]
+            if taken.get(package, 0) >= PER_PACKAGE:
+                continue
             try:
                 size = path.stat().st_size
                 if size < 2048 or size > 900_000:
@@ -91,6 +98,7 @@ def real_corpus(directory: Path, min_mb: float = 10.0) -> Path:
             except (OSError, UnicodeDecodeError):
                 continue
             count += 1
+            taken[package] = taken.get(package, 0) + 1
             (texts / f"{count:05d}-{path.name.replace(' ', '_')}.txt").write_bytes(data)
             total += size
     return texts

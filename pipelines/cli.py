@@ -87,7 +87,8 @@ def build_parser(stages: Sequence[Stage] = STAGES) -> argparse.ArgumentParser:
 
 def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
     """The full parser of one stage: common options plus the stage module's own flags."""
-    sub = _Parser(prog=f"groundup {stage.command}", description=stage.help)
+    sub = _Parser(prog=f"groundup {stage.command}", description=stage.help,
+                  epilog=getattr(module, "SUBCOMMANDS_HELP", None))
     sub.add_argument("--config", metavar="FILE", help="YAML recipe with config fields")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     sub.add_argument("--verbose", action="store_true",

@@ -31,7 +31,8 @@ MARKER = "\u2063\u2063\u2063"  # invisible separators: a worker line meant for t
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.air", "ray.util")
 # Warnings Ray logs that a user can do nothing about (printed to the log file only).
 NOISE = ("Token authentication is enabled", "PlacementGroupCleaner", "Failed to query Ray Train Controller",
-         "Progress will be logged", "Tip: to disable", "--include-dashboard", "dashboard")
+         "Progress will be logged", "Progress bars disabled", "Tip: to disable", "--include-dashboard",
+         "dashboard")
 
 
 class _State:

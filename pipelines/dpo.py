@@ -18,11 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pipelines.cli import stage_main
-from pipelines.posttrain import (LoraSettings, ModelSource, PostTrainConfig, add_reply_comparison, common_flags, epochs,
-                                 plan_training, resolve_model)
-from pipelines.preferences import PairBatch, PairBatches, prepare_pairs
-from pipelines.rundir import RunDir
-from pipelines.train.data import BatchOrder
+from pipelines.posttrain import LoraSettings, ModelSource, PostTrainConfig, add_reply_comparison, common_flags, epochs
+from pipelines.preferences import PairBatch, PairBatches, prepare_pair_stage
 from pipelines.train.task import Figures, StepContext, TaskDefaults, TaskLoss
 
 STAGE = "dpo"
@@ -112,25 +109,12 @@ class DPOTask(PairBatches, TaskDefaults):
 
 
 def prepare(config: Config):
-    from pipelines.train.deepspeed_config import deepspeed_config
-    from pipelines.train.loop import LoopSpec
-    from pipelines.train.trainer import decide_use_gpu
+    def make_task(train_set, validation_set, order, source) -> DPOTask:
+        return DPOTask(train_set=train_set, validation_set=validation_set, order=order,
+                       eval_max_rows=config.train.eval.max_rows, source=source, lora=config.lora, beta=config.beta,
+                       loss_type=config.loss_type, label_smoothing=config.label_smoothing)
 
-    run = RunDir(config.run)
-    source = resolve_model(config, ("sft", "pretrain"))
-    model_config = source.model_config()
-    max_len = min(config.max_len or model_config.max_seq_len, model_config.max_seq_len)
-    train_set, validation_set, examples = prepare_pairs(config, STAGE, source, max_len)
-    has_gpu, gpu_bf16 = decide_use_gpu(config.train.use_gpu, config.num_cpus)
-    plan = plan_training(config, len(train_set), model_config, max_len, has_gpu, gpu_bf16)
-    task = DPOTask(train_set=train_set, validation_set=validation_set,
-                   order=BatchOrder(len(train_set), plan.global_batch_sequences, config.seed),
-                   eval_max_rows=config.train.eval.max_rows, source=source, lora=config.lora, beta=config.beta,
-                   loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-    spec = LoopSpec(task=task, train=config.train, plan=plan, deepspeed=deepspeed_config(config.train, plan),
-                    out_dir=str(run.working_path(STAGE)), seed=config.seed,
-                    publish_uri=None if run.is_local else run.uri_of(STAGE))
-    return spec, source, examples, has_gpu
+    return prepare_pair_stage(config, STAGE, make_task)
 
 
 def run(config: Config) -> dict[str, Any]:

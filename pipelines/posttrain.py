@@ -228,6 +228,28 @@ def tokenize(examples: Sequence[Any], encode: Callable[[Any], Any], rejects: Rej
     return out
 
 
+def require_examples(train: Sequence[Any], validation: Sequence[Any], rejects: Rejects, what: str) -> None:
+    """One line naming the field when nothing usable is left for training or validation."""
+    if not train:
+        raise ConfigError(f"config field 'data': no usable training {what} ({rejects.total} set aside: "
+                          f"{dict(rejects.counts)})")
+    if not validation:
+        raise ConfigError(f"config field 'validation': no validation {what} (give validation files or raise "
+                          "validation_share)")
+
+
+def loop_spec(config: PostTrainConfig, stage: str, task: Any, plan: Any, train: TrainConfig | None = None):
+    """The workers' LoopSpec for a stage of the run (logs under ``<run>/<stage>/``)."""
+    from pipelines.train.deepspeed_config import deepspeed_config
+    from pipelines.train.loop import LoopSpec
+
+    run = RunDir(config.run)
+    train = train or config.train
+    return LoopSpec(task=task, train=train, plan=plan, deepspeed=deepspeed_config(train, plan),
+                    out_dir=str(run.working_path(stage)), seed=config.seed,
+                    publish_uri=None if run.is_local else run.uri_of(stage))
+
+
 def write_rejects(run: RunDir, stage: str, rejects: Rejects) -> None:
     if rejects.total:
         run.write_text(f"{stage}/{REJECTS_FILE}", rejects.jsonl())

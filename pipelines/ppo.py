@@ -30,7 +30,7 @@ from pydantic import Field
 from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StrictModel
 from pipelines.posttrain import (ModelSource, PostTrainConfig, add_reply_comparison, common_flags, load_examples,
-                                 resolve_model)
+                                 loop_spec, resolve_model)
 from pipelines.rundir import RunDir
 from pipelines.train.conversations import RowError, _messages
 from pipelines.train.data import BatchOrder
@@ -274,7 +274,9 @@ class PPOTask(TaskDefaults):
         mine = self.order.micro_batches(step, ctx.rank, ctx.world, self.order.global_batch // ctx.world)[0]
         prompts = [self.train_prompts[int(i)] for i in mine for _ in range(group)]
         seeds = [hash((self.seed, step, int(i), k)) % 2**62 for i in mine for k in range(group)]
+        started = time.perf_counter()
         encoded, completions = self._sample(ctx, prompts, seeds)
+        generate_s = time.perf_counter() - started
         scores, rules = self._scores(ctx, prompts, encoded, completions)
         sequences = [p + c.sampled_ids for p, c in zip(encoded, completions)]
         tokens, lengths = _pad(sequences)
@@ -308,7 +310,9 @@ class PPOTask(TaskDefaults):
                    "objective/scores": (float(scores.sum()), n), "objective/non_score_reward": (float(non_score.sum()), n),
                    "objective/rlhf_reward": (float((scores + non_score).sum()), n),
                    "objective/rule_score": (float(rules.sum()), n), "val/num_eos_tokens": (float(eos), 1),
-                   "reply_tokens": (float(response.sum()), n)}
+                   "reply_tokens": (float(response.sum()), n),
+                   # generated tokens per second of generation, per worker (the rollout's sampling speed)
+                   "time/generate_tokens_per_s": (float(response.sum()) / max(generate_s, 1e-9), 1)}
         return Rollout(tokens, response, old, ref, values, advantages, returns, figures)
 
     # ---- one iteration ----
@@ -448,8 +452,6 @@ def _logprobs(model, tokens: torch.Tensor, device: torch.device, grad: bool = Fa
 def prepare(config: Config):
     from model.reward import reward_stats
     from pipelines.data.instructions import builtin_prompts
-    from pipelines.train.deepspeed_config import deepspeed_config
-    from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
     from pipelines.train.trainer import decide_use_gpu
 
@@ -510,10 +512,7 @@ def prepare(config: Config):
                    kl=config.kl, rollout=config.rollout, reward=config.reward,
                    micro_batch_size=config.train.batch.micro_batch_size, eval_max_rows=config.train.eval.max_rows,
                    seed=config.seed)
-    spec = LoopSpec(task=task, train=train_config, plan=plan, deepspeed=deepspeed_config(train_config, plan),
-                    out_dir=str(run.working_path(STAGE)), seed=config.seed,
-                    publish_uri=None if run.is_local else run.uri_of(STAGE))
-    return spec, examples, has_gpu
+    return loop_spec(config, STAGE, task, plan, train_config), examples, has_gpu
 
 
 def run(config: Config) -> dict[str, Any]:

@@ -8,14 +8,13 @@ rejected rows of its pairs, padded together, so one forward pass scores both sid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pipelines.config import ConfigError
-from pipelines.posttrain import (ModelSource, PostTrainConfig, data_dir, describe_data, load_examples, tokenize,
-                                 write_rejects)
+from pipelines.posttrain import (ModelSource, PostTrainConfig, data_dir, describe_data, load_examples, loop_spec,
+                                 plan_training, require_examples, resolve_model, tokenize, write_rejects)
 from pipelines.rundir import RunDir
 from pipelines.train.conversations import (PaddedBatch, Pair, TokenizedSequences, encode_reply, length_grouped,
                                            pad_batch, parse_pair)
@@ -90,12 +89,7 @@ def prepare_pairs(config: PostTrainConfig, stage: str, source: ModelSource, max_
 
     train = tokenize(examples.train, encode, examples.rejects, "train")
     validation = tokenize(examples.validation, encode, examples.rejects, "validation")
-    if not train:
-        raise ConfigError(f"config field 'data': no usable training pair ({examples.rejects.total} set aside: "
-                          f"{dict(examples.rejects.counts)})")
-    if not validation:
-        raise ConfigError("config field 'validation': no validation pair (give validation files or raise "
-                          "validation_share)")
+    require_examples(train, validation, examples.rejects, "pair")
     run = RunDir(config.run)
     describe_data(stage, examples, len(train), len(validation))
     write_rejects(run, stage, examples.rejects)
@@ -125,3 +119,19 @@ class PairBatches:
 
     def data_position(self, step: int) -> dict[str, int]:
         return self.order.position(step)
+
+
+def prepare_pair_stage(config: PostTrainConfig, stage: str, make_task: Callable[..., Any], allow_reward: bool = False):
+    """Driver-side set-up shared by the reward and DPO stages: the starting model (SFT, else pretraining),
+    the pairs, the plan and the LoopSpec. ``make_task(train_set, validation_set, order, source)``."""
+    from pipelines.train.trainer import decide_use_gpu
+
+    source = resolve_model(config, ("sft", "pretrain"), allow_reward=allow_reward)
+    model_config = source.model_config()
+    max_len = min(config.max_len or model_config.max_seq_len, model_config.max_seq_len)
+    train_set, validation_set, examples = prepare_pairs(config, stage, source, max_len)
+    has_gpu, gpu_bf16 = decide_use_gpu(config.train.use_gpu, config.num_cpus)
+    plan = plan_training(config, len(train_set), model_config, max_len, has_gpu, gpu_bf16)
+    task = make_task(train_set, validation_set, BatchOrder(len(train_set), plan.global_batch_sequences, config.seed),
+                     source)
+    return loop_spec(config, stage, task, plan), source, examples, has_gpu

@@ -35,7 +35,7 @@ CLI_FLAGS = (
     Flag(("--run",), "run", "run directory (default runs/quickstart)"),
     Flag(("--model",), "model", "model preset (default 10m)"),
     Flag(("--steps",), "steps", "pretraining steps (default 250, the recipe)", {"type": int}),
-    Flag(("--sft-steps",), "sft_steps", "SFT steps (default 150, the recipe)", {"type": int}),
+    Flag(("--sft-steps",), "sft_steps", "SFT steps (default 100, the recipe)", {"type": int}),
     Flag(("--seed",), "seed", "seed for every stage", {"type": int}),
 )
 

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cli import stage_main
-from pipelines.config import ConfigError
 from pipelines.posttrain import (LoraSettings, ModelSource, PostTrainConfig, common_flags, data_dir, describe_data,
-                                 epochs, load_examples, plan_training, resolve_model, save_sequences, tokenize,
-                                 write_rejects)
+                                 epochs, load_examples, loop_spec, plan_training, require_examples, resolve_model,
+                                 save_sequences, tokenize, write_rejects)
 from pipelines.rundir import RunDir
 from pipelines.train.conversations import (PaddedBatch, TokenizedSequences, encode_conversation, length_grouped,
                                            pad_batch, parse_conversation)
@@ -119,8 +118,6 @@ def language_model_from(source: ModelSource, lora: LoraSettings, state_dict: dic
 def prepare(config: Config, stage: str = STAGE, defaults: tuple[str, ...] = ("pretrain",)):
     """Driver-side: model, examples (tokenized, written for the workers), plan, DeepSpeed config."""
     from pipelines.data.instructions import builtin_conversations
-    from pipelines.train.deepspeed_config import deepspeed_config
-    from pipelines.train.loop import LoopSpec
     from pipelines.train.trainer import decide_use_gpu
 
     run = RunDir(config.run)
@@ -133,12 +130,7 @@ def prepare(config: Config, stage: str = STAGE, defaults: tuple[str, ...] = ("pr
     encode = lambda messages: encode_conversation(tokenizer, messages, max_len)  # noqa: E731
     train = tokenize(examples.train, encode, examples.rejects, "train")
     validation = tokenize(examples.validation, encode, examples.rejects, "validation")
-    if not train:
-        raise ConfigError(f"config field 'data': no usable training conversation "
-                          f"({examples.rejects.total} set aside: {dict(examples.rejects.counts)})")
-    if not validation:
-        raise ConfigError("config field 'validation': no validation conversation (give --validation files or "
-                          "raise validation_share)")
+    require_examples(train, validation, examples.rejects, "conversation")
     describe_data(stage, examples, len(train), len(validation))
     write_rejects(run, stage, examples.rejects)
     directory = data_dir(run, stage)
@@ -149,10 +141,7 @@ def prepare(config: Config, stage: str = STAGE, defaults: tuple[str, ...] = ("pr
     order = BatchOrder(len(train), plan.global_batch_sequences, config.seed)
     task = SFTTask(source=source, train_set=train_set, validation_set=validation_set, order=order, lora=config.lora,
                    eval_max_rows=config.train.eval.max_rows, seed=config.seed, name=stage)
-    spec = LoopSpec(task=task, train=config.train, plan=plan, deepspeed=deepspeed_config(config.train, plan),
-                    out_dir=str(run.working_path(stage)), seed=config.seed,
-                    publish_uri=None if run.is_local else run.uri_of(stage))
-    return spec, source, examples, has_gpu, (len(train), len(validation))
+    return loop_spec(config, stage, task, plan), source, examples, has_gpu, (len(train), len(validation))
 
 
 def run(config: Config) -> dict[str, Any]:

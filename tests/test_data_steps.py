@@ -226,3 +226,24 @@ def test_a_bad_user_step_is_one_config_error():
         build_steps(["no_such_module:Step"], stage, sign=False)
     with pytest.raises(ConfigError, match="neither a built-in step"):
         build_steps(["tokenise"], stage, sign=False)
+
+
+def test_an_input_given_as_path_colon_preset_judges_its_documents_by_that_preset(tmp_path):
+    from pipelines.data.readers import ReadConfig, read_input_file, resolve_inputs
+    from pipelines.data.stage import _read_files
+
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    (plays / "hamlet.txt").write_text(HAMLET)
+    (tmp_path / "odd:name.txt").write_text(LAMB)  # a colon not followed by a preset is part of the path
+    presets = ("web", "books", "code_docs", "published", "auto")
+    files = resolve_inputs([f"{plays}:web", str(tmp_path / "odd:name.txt")], ReadConfig(), presets=presets)
+    assert [(f.source, f.preset) for f in files] == [("plays/hamlet.txt", "web"), ("odd:name.txt", "")]
+    from dataclasses import asdict
+
+    rows = _read_files({"files": [asdict(f) for f in files]}, ReadConfig())
+    assert [r["preset"] for r in rows] == ["web", ""]
+    assert list(read_input_file(files[1], ReadConfig()))[0]["text"] == LAMB
+    out = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig())(to_table(rows)).to_pylist()
+    assert out[0]["preset"] == "web" and out[0]["status"] == "dropped"  # the input's preset, not auto's books
+    assert out[1]["preset"] == "books" and out[1]["status"] == "kept"   # auto chose books for the verse

@@ -35,6 +35,16 @@ def _build(module, run: Path, *overrides: str):
     return build_config(module.Config, overrides=[f"run={run}", *overrides])
 
 
+def _assert_one_line_errors(cases: list[tuple[list[str], str]]) -> None:
+    """Each command exits with status 2 and one line on stderr that names the culprit (``needle``)."""
+    for argv, needle in cases:
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, (argv, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+
+
 def _train_losses(run: Path, stage: str) -> dict[int, float]:
     from pipelines.train.metrics import read_metrics
 
@@ -50,16 +60,20 @@ def base_run(builtin_data_dir, tmp_path_factory):
     return run
 
 
+SFT_SETTINGS = ("train.num_workers=2", "train.length.steps=30", "train.batch.micro_batch_size=8",
+                "train.batch.global_batch_sequences=32", "train.optimizer.lr=2e-3", "train.eval.every_steps=30",
+                "train.eval.max_rows=64", "train.precision.dtype=fp32")
+REWARD_SETTINGS = ("train.num_workers=2", "train.length.steps=40", "train.batch.micro_batch_size=8",
+                   "train.batch.global_batch_sequences=32", "train.optimizer.lr=1e-3", "train.eval.every_steps=40",
+                   "train.eval.max_rows=200", "train.precision.dtype=fp32")
+
+
 @pytest.fixture(scope="module")
 def sft_run(base_run):
     """SFT of the base model on the built-in instruction set (2 workers, ZeRO-0)."""
     from pipelines import sft
 
-    manifest = sft.run(_build(sft, base_run, "train.num_workers=2", "train.length.steps=30",
-                              "train.batch.micro_batch_size=8", "train.batch.global_batch_sequences=32",
-                              "train.optimizer.lr=2e-3", "train.eval.every_steps=30", "train.eval.max_rows=64",
-                              "train.precision.dtype=fp32"))
-    return base_run, manifest
+    return base_run, sft.run(_build(sft, base_run, *SFT_SETTINGS))
 
 
 # ---- SFT --------------------------------------------------------------------------------------------
@@ -110,25 +124,26 @@ def test_sft_lowers_held_out_assistant_loss(sft_run):
     load_model(run / "sft" / "model")  # servable as a language model
 
 
-def test_sft_zero3_matches_zero0_and_resume_reproduces_losses(base_run, tmp_path):
+def test_sft_zero3_with_uneven_validation_matches_zero0_and_resume_continues(sft_run, tmp_path):
+    """The shared SFT run (ZeRO-0) again under ZeRO-3 with a validation set that gives the two ranks
+    different numbers of batches (5 rows, micro-batches of 2: rank 0 two, rank 1 one), stopped after step 2
+    as if preempted, then resumed to step 4: the same losses."""
     from pipelines import sft
 
-    common = (*COMMON, "train.length.steps=4", "train.eval.max_rows=5", "train.eval.every_steps=2",
-              "train.batch.global_batch_sequences=8", f"from={base_run / 'pretrain' / 'model'}")
-    zero0, zero3, resumed = tmp_path / "z0", tmp_path / "z3", tmp_path / "resumed"
-    first = sft.run(_build(sft, zero0, *common, "train.zero.stage=0"))
-    sft.run(_build(sft, zero3, *common, "train.zero.stage=3"))
-    losses0, losses3 = _train_losses(zero0, "sft"), _train_losses(zero3, "sft")
-    assert sorted(losses0) == [1, 2, 3, 4]
-    for step in (1, 2):
-        assert losses3[step] == pytest.approx(losses0[step], abs=1e-4)
-    assert first["figures"]["val_loss"] > 0
-    # Stop after step 2 (as if preempted), then resume: steps 3 and 4 repeat the uninterrupted run.
-    sft.run(_build(sft, resumed, *common, "train.zero.stage=0", "train.stop_at_step=2"))
-    sft.run(_build(sft, resumed, *common, "train.zero.stage=0", "resume=true"))
-    again = _train_losses(resumed, "sft")
-    for step in (3, 4):
-        assert again[step] == pytest.approx(losses0[step], abs=1e-5)
+    run, _ = sft_run
+    reference = _train_losses(run, "sft")
+    again = tmp_path / "z3"
+    (again / "pretrain").mkdir(parents=True)
+    (again / "pretrain" / "model").symlink_to(run / "pretrain" / "model")
+    settings = (*SFT_SETTINGS, "train.zero.stage=3", "train.eval.max_rows=5", "train.eval.every_steps=2",
+                "train.batch.micro_batch_size=2", "train.checkpoint.every_steps=2")
+    first = sft.run(_build(sft, again, *settings, "train.stop_at_step=2"))
+    assert first["figures"]["val_loss"] > 0 and first["counts"]["steps"] == 2
+    sft.run(_build(sft, again, *settings, "train.stop_at_step=4", "resume=true"))
+    losses = _train_losses(again, "sft")
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert losses[step] == pytest.approx(reference[step], abs=2e-4), step
 
 
 def test_bad_rows_are_counted_set_aside_and_masked(base_run, tmp_path):
@@ -163,12 +178,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, sft_run):
         (["dpo", "--run", str(run), "--from", str(tmp_path)], "from"),
         (["sft", "--run", str(run), "train.optimizer.lr=-1"], "train.optimizer.lr"),
     ]
-    for argv, needle in cases:
-        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 2, (argv, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+    _assert_one_line_errors(cases)
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------
@@ -205,11 +215,7 @@ def reward_run(sft_run):
     from pipelines import reward
 
     run, _ = sft_run
-    manifest = reward.run(_build(reward, run, "train.num_workers=2", "train.length.steps=40",
-                                 "train.batch.micro_batch_size=8", "train.batch.global_batch_sequences=32",
-                                 "train.optimizer.lr=1e-3", "train.eval.every_steps=40", "train.eval.max_rows=200",
-                                 "train.precision.dtype=fp32"))
-    return run, manifest
+    return run, reward.run(_build(reward, run, *REWARD_SETTINGS))
 
 
 def test_reward_model_learns_the_rule_on_held_out_pairs(reward_run):
@@ -234,17 +240,19 @@ def test_reward_model_learns_the_rule_on_held_out_pairs(reward_run):
         load_model(directory)  # it scores; it cannot be served as a language model
 
 
-def test_reward_zero3_matches_zero0(sft_run, tmp_path):
+def test_reward_zero3_matches_zero0(reward_run, tmp_path):
+    """The shared reward run (ZeRO-0) again under ZeRO-3, stopped after step 2: the same first losses."""
     from pipelines import reward
 
-    run, _ = sft_run
-    common = (*COMMON, "train.length.steps=2", "train.eval.max_rows=5", "train.eval.every_steps=2",
-              "train.batch.global_batch_sequences=8", f"from={run / 'sft' / 'model'}")
-    reward.run(_build(reward, tmp_path / "z0", *common, "train.zero.stage=0"))
-    reward.run(_build(reward, tmp_path / "z3", *common, "train.zero.stage=3"))
-    losses0, losses3 = _train_losses(tmp_path / "z0", "reward"), _train_losses(tmp_path / "z3", "reward")
+    run, _ = reward_run
+    again = tmp_path / "z3"
+    (again / "sft").mkdir(parents=True)
+    (again / "sft" / "model").symlink_to(run / "sft" / "model")
+    reward.run(_build(reward, again, *REWARD_SETTINGS, "train.zero.stage=3", "train.stop_at_step=2",
+                      "train.eval.max_rows=5", "train.checkpoint.every_steps=2"))
+    reference, losses = _train_losses(run, "reward"), _train_losses(again, "reward")
     for step in (1, 2):
-        assert losses3[step] == pytest.approx(losses0[step], abs=1e-4)
+        assert losses[step] == pytest.approx(reference[step], abs=2e-4), step
 
 
 def test_votes_become_pairs_that_the_reward_stage_trains_on(sft_run, tmp_path):
@@ -339,26 +347,22 @@ def test_ppo_zero2_matches_zero0_resume_and_a_killed_worker_continue_exactly(rew
 
     run, _ = reward_run
     common = (*PPO_COMMON, f"from={run / 'sft' / 'model'}", f"reward.model={run / 'reward' / 'model'}",
-              "kl.adaptive=true", "kl.target=0.5", "kl.horizon=50", "train.eval.every_steps=100")
+              "kl.adaptive=true", "kl.target=0.5", "kl.horizon=50", "train.eval.every_steps=100",
+              "train.length.steps=3")
     # Reference: 3 iterations on ZeRO-0, rank 1 killed at iteration 3 and restored from iteration 2.
-    ppo.run(_build(ppo, tmp_path / "z0", *common, "train.length.steps=3", "train.zero.stage=0",
-                   "train.fault.crash_at_step=3", "train.fault.crash_rank=1"))
+    ppo.run(_build(ppo, tmp_path / "z0", *common, "train.zero.stage=0", "train.fault.crash_at_step=3",
+                   "train.fault.crash_rank=1"))
     reference = {r["step"]: r for r in _ppo_records(tmp_path / "z0") if r["kind"] == "train"}
     assert sorted(reference) == [1, 2, 3]
     assert (tmp_path / "z0" / "ppo" / "fault-injected-step3-rank1").exists()
-    # ZeRO-2: the same first iteration.
-    ppo.run(_build(ppo, tmp_path / "z2", *common, "train.length.steps=1", "train.zero.stage=2"))
-    zero2 = {r["step"]: r for r in _ppo_records(tmp_path / "z2") if r["kind"] == "train"}
-    assert zero2[1]["loss/policy_avg"] == pytest.approx(reference[1]["loss/policy_avg"], abs=1e-4)
-    assert zero2[1]["objective/scores"] == pytest.approx(reference[1]["objective/scores"], abs=1e-4)
-    # Stopped after iteration 1, resumed: iterations 2 and 3 (KL controller included) repeat the reference.
-    resumed = tmp_path / "resumed"
-    ppo.run(_build(ppo, resumed, *common, "train.length.steps=3", "train.zero.stage=0", "train.stop_at_step=1"))
-    ppo.run(_build(ppo, resumed, *common, "train.length.steps=3", "train.zero.stage=0", "resume=true"))
+    # ZeRO-2, stopped after iteration 1 and resumed: the same iterations, KL controller included.
+    resumed = tmp_path / "z2"
+    ppo.run(_build(ppo, resumed, *common, "train.zero.stage=2", "train.stop_at_step=1"))
+    ppo.run(_build(ppo, resumed, *common, "train.zero.stage=2", "resume=true"))
     again = {r["step"]: r for r in _ppo_records(resumed) if r["kind"] == "train"}
-    for step in (2, 3):
+    for step in (1, 2, 3):
         for key in ("loss/policy_avg", "objective/scores", "kl_coef"):
-            assert again[step][key] == pytest.approx(reference[step][key], abs=1e-5), (step, key)
+            assert again[step][key] == pytest.approx(reference[step][key], abs=2e-4), (step, key)
     assert reference[3]["kl_coef"] != reference[1]["kl_coef"]  # the adaptive controller moved
 
 
@@ -375,7 +379,7 @@ def test_grpo_with_a_reward_function_alone(sft_run, tmp_path):
     figures = manifest["figures"]
     assert manifest["inputs"]["reward_model"] is None
     assert figures["val_score"] > figures["start_val_score"], figures
-    assert not (tmp_path / "ppo" / "ray").glob("**/ds-critic")  # no critic was trained
+    assert not list((tmp_path / "ppo" / "ray").glob("**/ds-critic"))  # no critic was trained
 
 
 def test_ppo_config_errors_name_the_field(sft_run, tmp_path):
@@ -386,9 +390,4 @@ def test_ppo_config_errors_name_the_field(sft_run, tmp_path):
         (["ppo", "--run", str(run), "reward.model=null"], "reward"),
         (["ppo", "--run", str(run), "reward.model=null", "--reward-function", "nowhere:fn"], "reward.function"),
     ]
-    for argv, needle in cases:
-        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 2, (argv, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (argv, result.stderr)
+    _assert_one_line_errors(cases)

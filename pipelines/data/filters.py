@@ -539,27 +539,19 @@ def fineweb_filter(text: str, cfg: FineWebConfig, doc: Document | None = None) -
     return None
 
 
-def apply_filters(text: str, cfg: FiltersConfig) -> tuple[str, str | None]:
-    """Run the filters in FineWeb's order; (possibly edited text, first reason to drop or None).
+def apply_filters(text: str, cfg: FiltersConfig, preset: str = "web") -> tuple[str, str | None]:
+    """The quality-filter steps of the default pipeline on one text, judged by ``preset``:
+    (possibly edited text, first reason to drop or None). The stage runs the same steps
+    (:mod:`pipelines.data.steps`); this is the short way to try the filters on a text."""
+    from pipelines.data.steps import (C4Step, Doc, FineWebStep, GopherQualityStep, GopherRepetitionStep,
+                                      LanguageStep, Pipeline, Rejection)
 
-    Words, lines and the lower-cased text are computed once per document and shared by the filters.
-    """
-    if cfg.language.enabled and (reason := language_filter(text, cfg.language)):
-        return text, reason
-    doc = Document(text)
-    if cfg.gopher_repetition.enabled and (reason := gopher_repetition(text, cfg.gopher_repetition, doc)):
-        return text, reason
-    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, cfg.gopher_quality, doc)):
-        return text, reason
-    if cfg.c4.enabled:
-        cleaned, reason = c4_filter(text, cfg.c4, doc)
-        if reason:
-            return cleaned, reason
-        if cleaned != text:
-            text, doc = cleaned, Document(cleaned)
-    if cfg.fineweb.enabled and (reason := fineweb_filter(text, cfg.fineweb, doc)):
-        return text, reason
-    return text, None
+    steps = [cls(cfg) for cls in (LanguageStep, GopherRepetitionStep, GopherQualityStep, C4Step, FineWebStep)]
+    doc = Doc("text", text, "text", preset="web" if preset == "published" else preset)
+    result = Pipeline(steps).run(doc)
+    if isinstance(result, Rejection):
+        return doc.text, result.reason
+    return result.text, None
 
 
 # ---------------------------------------------------------------- presets chosen per document
@@ -568,6 +560,7 @@ _CODE_LINE = re.compile(r"^(?:    |\t)|^\s*(?:>>>|\$ |def |class |import |from \
                         r"|[{}]\s*$|[)=\w\]]\);?\s*$|=.*;\s*$")
 _SPEAKER_LINE = re.compile(r"^[A-Z][A-Z .'-]{1,30}[.:]?$")  # "HAMLET." / "KING LEAR:" / "ACT I."
 BOOK_WORDS = 20_000
+SHAPE_CHARS = 20_000
 
 
 def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str:
@@ -578,13 +571,15 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
     - web: HTML pages, and records that carry a URL;
     - books: book-length text (20k words and more), and text shaped like verse or a play (mostly short
       lines, or speaker labels such as ``HAMLET.``);
+    (line shapes are read on the first 20,000 characters)
     - web otherwise (the published rules are the default for text of unknown origin).
     """
     if source == "builtin" or meta.get("kind") in ("docstrings", "pydoc_topic"):
         return "code_docs"
     if fmt == "html" or "url" in meta:
         return "web"
-    lines = [line for line in text.split("\n") if line.strip()]
+    # The shape is read on the first SHAPE_CHARS characters: enough to tell, bounded on long works.
+    lines = [line for line in text[:SHAPE_CHARS].split("\n") if line.strip()]
     if lines:
         code = sum(1 for line in lines if _CODE_LINE.search(line))
         if code / len(lines) >= 0.15:

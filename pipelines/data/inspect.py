@@ -18,7 +18,9 @@ STAGE = "data"
 def _parser() -> argparse.ArgumentParser:
     from pipelines.cli import _Parser
 
-    parser = _Parser(prog="groundup data inspect", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="groundup data inspect",
+                     description="per filter rule of a data run: the documents it removed and examples with "
+                                 "the part of the text that triggered it")
     parser.add_argument("--run", required=True, help="run directory of a finished data stage")
     parser.add_argument("--reason", default=None, help="only rules whose name starts with this (e.g. fineweb, c4:curly_bracket)")
     parser.add_argument("--n", type=int, default=3, help="examples per rule (default 3)")

@@ -189,7 +189,13 @@ def broken_reply(item: Item, items: Sequence[Item], index: int) -> tuple[str, st
         while len(WORD.findall(" ".join(parts))) <= MAX_WORDS:
             parts.append(items[(index + k) % len(items)].summary)
             k += 1
-        reply = " ".join(parts)
+        # Just over the limit (so the pair still fits a small model's context), ending its sentence.
+        kept: list[str] = []
+        for token in " ".join(parts).split():
+            kept.append(token)
+            if len(WORD.findall(" ".join(kept))) > MAX_WORDS + 2:
+                break
+        reply = " ".join(kept).rstrip(".,;:!?") + "."
     return kind, reply
 
 

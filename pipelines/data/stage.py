@@ -68,7 +68,8 @@ class Config(StageConfig):
 
 
 CLI_FLAGS = (
-    Flag(("--input",), "inputs", "input paths/URIs or 'builtin'", {"nargs": "+"}),
+    Flag(("--input",), "inputs", "input paths/URIs or 'builtin', each optionally PATH:preset "
+                                 "(web, books, code_docs) to set the filter preset of its documents", {"nargs": "+"}),
     Flag(("--run",), "run", "run directory"),
     Flag(("--seed",), "seed", "seed for sampling, splits and order", {"type": int}),
     Flag(("--text-field",), "read.text_field", "JSONL/Parquet field holding the text"),
@@ -85,6 +86,8 @@ def _inspect(argv: list[str]) -> None:
 
 
 SUBCOMMANDS = {"inspect": _inspect}  # groundup data inspect --run RUN [--reason R] [--n K]
+SUBCOMMANDS_HELP = ("groundup data inspect --run RUN [--reason R] [--n K]: per filter rule, the documents "
+                    "it removed and examples with what triggered it")
 
 
 # ---------------------------------------------------------------- per-document processing (Ray tasks)
@@ -465,7 +468,9 @@ def run(config: Config) -> dict[str, Any]:
 
     from pipelines.ray_env import ensure_ray
 
+    mark = time.perf_counter()
     ensure_ray(config.num_cpus)
+    phase["ray_start"] = time.perf_counter() - mark
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard bytes must not depend on task timing
     if config.shuffle == "sort":
@@ -498,6 +503,7 @@ def run(config: Config) -> dict[str, Any]:
                                       batch_format="pyarrow").materialize()
     phase["dedup"] = time.perf_counter() - mark
 
+    mark = time.perf_counter()
     counts, _, step_seconds = _aggregate_counts(final)
     if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
         raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
@@ -515,6 +521,7 @@ def run(config: Config) -> dict[str, Any]:
         raise ConfigError("no documents survived cleaning and dedup (see data/rejects/; "
                           "relax config field 'filters' or check the inputs)")
 
+    phase["counts_rejects"] = time.perf_counter() - mark
     mark = time.perf_counter()
     # One pass gives every kept id (for the split) and the tokenizer's over-sample.
     rows = kept.map_batches(_ids_and_sample, fn_kwargs={"seed": config.seed,
