@@ -48,6 +48,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ppo", "pipelines.ppo", "PPO / GRPO / RLOO from a reward model and reward functions"),
     Stage("serve", "serving.app", "serve models behind an OpenAI-compatible API with the rating UI"),
     Stage("prefs export", "ui.export", "export stored votes as preference pairs for reward modelling"),
+    Stage("export", "pipelines.export", "convert a checkpoint to Hugging Face's Llama layout (or back with --from-hf)"),
+    Stage("evaluate", "pipelines.evaluate", "score every model of a run: bits per byte, lm-eval tasks, win rates"),
 )
 
 
@@ -98,7 +100,10 @@ def stage_parser(stage: Stage, module: Any) -> argparse.ArgumentParser:
                      help="show Ray's own messages on the console (default: <run>/logs/<command>.log)")
     for flag in getattr(module, "CLI_FLAGS", ()):
         sub.add_argument(*flag.names, dest=flag.dest, help=flag.help, default=None, **flag.kwargs)
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
+    positionals = [name.upper() for name in getattr(module, "POSITIONALS", ())]
+    sub.add_argument("overrides", nargs="*", metavar=" ".join([*positionals, "key=value"]),
+                     help=f"{', '.join(positionals)}, then config field overrides" if positionals
+                     else "config field overrides")
     return sub
 
 
@@ -112,10 +117,17 @@ def run_stage(command: str, argv: Sequence[str]) -> Any:
     subcommands = getattr(module, "SUBCOMMANDS", {})  # e.g. "groundup data inspect": {"inspect": main(argv)}
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](list(argv[1:]))
+    positionals = getattr(module, "POSITIONALS", ())  # e.g. `groundup export MODEL_DIR OUT`
     # Intermixed: key=value overrides may come before and after flags (argparse would reject the later ones).
     parsed = stage_parser(stage, module).parse_intermixed_args(list(argv))
     flags = getattr(module, "CLI_FLAGS", ())
     values = {f.dest: getattr(parsed, f.dest) for f in flags if getattr(parsed, f.dest) is not None}
+    if positionals:  # plain words (no key=value) fill the module's positional fields in order
+        words = [item for item in parsed.overrides if "=" not in item]
+        if len(words) > len(positionals):
+            raise ConfigError(f"unexpected argument {words[len(positionals)]!r} (takes {', '.join(positionals).upper()})")
+        values.update(zip(positionals, words))
+        parsed.overrides = [item for item in parsed.overrides if "=" in item]
     config = build_config(module.Config, parsed.config, parsed.overrides, values)
     if parsed.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))

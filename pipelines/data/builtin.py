@@ -70,9 +70,20 @@ def parse_module(path: Path) -> ast.Module | None:
     """The module's syntax tree, or None for the few stdlib files that are deliberately invalid (test
     fixtures, bad encodings)."""
     try:
-        return ast.parse(path.read_bytes(), filename=str(path))
-    except (SyntaxError, ValueError, OSError):
+        source = path.read_bytes()
+    except OSError:
         return None
+    for attempt in range(3):
+        try:
+            return ast.parse(source, filename=str(path))
+        except (SyntaxError, ValueError):
+            return None
+        except SystemError:
+            # CPython 3.11: another thread parsing at the same time (e.g. Ray's threads in this process)
+            # can trip "AST constructor recursion depth mismatch"; the parse itself is fine on retry.
+            if attempt == 2:
+                raise
+    return None
 
 
 def iter_stdlib_documents(root: Path | None = None, paths: list[Path] | None = None) -> Iterator[dict]:
