@@ -73,15 +73,16 @@ def parse_module(path: Path) -> ast.Module | None:
         source = path.read_bytes()
     except OSError:
         return None
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             return ast.parse(source, filename=str(path))
         except (SyntaxError, ValueError):
             return None
         except SystemError:
-            # CPython 3.11: another thread parsing at the same time (e.g. Ray's threads in this process)
-            # can trip "AST constructor recursion depth mismatch"; the parse itself is fine on retry.
-            if attempt == 2:
+            # CPython 3.11 keeps ast.parse's recursion counter per interpreter, not per thread: another
+            # thread parsing at the same time (Ray's driver threads can) trips "AST constructor recursion
+            # depth mismatch". The same file parses correctly on retry.
+            if attempt == 4:
                 raise
     return None
 

@@ -192,25 +192,12 @@ def held_out_docstrings(seed: int, fraction: float) -> list[tuple[str, str]]:
     held = assign_validation(sorted(files), seed, fraction) if fraction > 0 else set(files)
     out = []
     for doc_id in sorted(held):
-        tree = _parse(parse_module, files[doc_id])
+        tree = parse_module(files[doc_id])  # retries CPython 3.11's AST race itself
         if tree is None:
             continue
         module = doc_id.split(":", 1)[1]
         out.extend((f"{module}.{name}", doc) for name, doc in _docstrings(tree) if name)
     return out
-
-
-def _parse(parse_module, path):
-    """CPython 3.11's ast.parse keeps its recursion counter per interpreter, not per thread: when another
-    thread of this process parses at the same time (Ray's driver threads can) it raises SystemError
-    ("AST constructor recursion depth mismatch"). A retry parses the same file correctly."""
-    for attempt in range(5):
-        try:
-            return parse_module(path)
-        except SystemError:
-            if attempt == 4:
-                raise
-    return None
 
 
 def builtin_task_records(name: str, seed: int, fraction: float, count: int) -> list[dict[str, Any]]:
