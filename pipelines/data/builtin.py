@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -84,6 +85,7 @@ def parse_module(path: Path) -> ast.Module | None:
             # depth mismatch". The same file parses correctly on retry.
             if attempt == 4:
                 raise
+            time.sleep(0.02 * (attempt + 1))  # let the other thread's parse finish
     return None
 
 
