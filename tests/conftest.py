@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's Serve deployment run last. Its replicas keep their CPU shares for the
+    rest of the session, and a 2-worker training run started after it would wait for CPUs forever (a
+    starved Ray Train run hangs rather than fails)."""
+    items.sort(key=lambda item: "serving_app" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def object_store():
     """An S3-compatible object store for the session: moto's standalone server (a real HTTP S3 API
