@@ -64,12 +64,7 @@ class DPOTask(PairBatches, TaskDefaults):
     progress_figures: tuple[str, ...] = ("rewards/accuracies", "rewards/margins")
 
     def build_model(self) -> torch.nn.Module:
-        model = self.source.load_language_model()
-        if self.lora.rank:
-            from model.lora import add_lora
-
-            model = add_lora(model, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-        return model
+        return self.lora.apply(self.source.load_language_model())
 
     def build_frozen(self) -> torch.nn.Module:
         return self.source.load_language_model()

@@ -43,6 +43,14 @@ class LoraSettings(StrictModel):
     targets: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
                                description="linear layers that get adapters")
 
+    def apply(self, model):
+        """``model`` with adapters on the target layers (only they train), or ``model`` itself at rank 0."""
+        if not self.rank:
+            return model
+        from model.lora import add_lora
+
+        return add_lora(model, self.rank, self.alpha, self.dropout, self.targets)
+
 
 class PostTrainConfig(StageConfig):
     model_from: str | None = Field(None, alias="from", description="starting checkpoint (ours or a Hugging Face "

@@ -76,12 +76,7 @@ class SFTTask(TaskDefaults):
     name: str = STAGE
 
     def build_model(self) -> torch.nn.Module:
-        model = self.source.load_language_model()
-        if self.lora.rank:
-            from model.lora import add_lora
-
-            model = add_lora(model, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-        return model
+        return self.lora.apply(self.source.load_language_model())
 
     def train_micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> list[PaddedBatch]:
         rows = self.order.step_rows(step)
@@ -125,9 +120,9 @@ def language_model_from(source: ModelSource, lora: LoraSettings, state_dict: dic
     from model.llama import Transformer
 
     if lora.rank:
-        from model.lora import add_lora, merged
+        from model.lora import merged
 
-        model = add_lora(Transformer(source.model_config()), lora.rank, lora.alpha, lora.dropout, lora.targets)
+        model = lora.apply(Transformer(source.model_config()))
         model.load_state_dict(state_dict, strict=False)
         return merged(model).eval()
     model = Transformer(source.model_config())
