@@ -414,12 +414,16 @@ class PPOTask(TaskDefaults):
         old = _logprobs(ctx.model, tokens, ctx.device)
         ref = _logprobs(ctx.frozen["reference"], tokens, ctx.device)
         kl = (kl_per_token(old, ref, "k1") * response).sum(1)
+        from pipelines.data.instructions import rule_fraction_reward
+
+        parts = torch.tensor(rule_fraction_reward(prompts, [c.text.strip() for c in completions]))
         n = len(batch)
         return {"score": (float(scores.sum()), n), "kl": (float(kl.sum()), n), "rule_score": (float(rules.sum()), n),
-                "eos": (float(sum(c.finish_reason == "stop" for c in completions)), n)}
+                "rule_parts": (float(parts.sum()), n), "eos": (float(sum(c.finish_reason == "stop" for c in completions)), n)}
 
     def eval_summary(self, means: dict[str, float]) -> dict[str, float]:
         return {"val_score": means["score"], "val_kl": means["kl"], "val_rule_score": means["rule_score"],
+                "val_rule_parts": means["rule_parts"],
                 "val_eos_rate": means["eos"]}
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, figures: dict[str, float]) -> None:

@@ -12,12 +12,11 @@ The rater id comes from the text box at the top, or from ``?rater=alice`` in the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import os
 import random
 import sys
-from typing import Any, AsyncIterator
+from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -26,7 +25,7 @@ from fastapi.responses import RedirectResponse
 from ui.chat import drop_oldest_turn
 from ui.client import ApiError, Completion, OpenAIClient, Sampling
 from ui.compare import (LETTERS, MAX_ANSWERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_round,
-                        rater_message, reveal, single_model_notice, verdict_ranking)
+                        rater_message, reveal, single_model_notice, stream_answers, verdict_ranking)
 from ui.prompts import PromptDeck, load_prompt_set
 from ui.ratings import LEADERBOARD_HEADERS, compute_ratings, leaderboard_png, leaderboard_rows
 from ui.store import InvalidVoteError, PreferenceStore
@@ -82,33 +81,6 @@ document.addEventListener("keydown", (event) => {
 });
 </script>
 """
-
-
-async def _stream_answers(client: OpenAIClient, comparison: Comparison,
-                          sampling: Sampling) -> AsyncIterator[None]:
-    """Generate every answer of a comparison concurrently; yields after each streamed chunk."""
-    updates: asyncio.Queue[bool] = asyncio.Queue()
-
-    async def pump(answer: ShownAnswer) -> None:
-        try:
-            stream = client.stream_chat(answer.model, comparison.messages, sampling, answer.version)
-            async for partial in stream:
-                answer.content, answer.finish_reason = partial.text, partial.finish_reason
-                await updates.put(False)
-        except ApiError as err:
-            answer.error, answer.finish_reason = rater_message(err), "error"
-        finally:
-            await updates.put(True)
-
-    tasks = [asyncio.create_task(pump(a)) for a in comparison.answers]
-    try:
-        finished = 0
-        while finished < len(tasks):
-            finished += await updates.get()
-            yield None
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = None,
@@ -185,7 +157,7 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
             return shown + [gr.update(value="", visible=False)] * (MAX_ANSWERS - len(shown))
 
         yield comparison, "generating…", prompt_box, *boxes(), *vote_buttons_off
-        async for _ in _stream_answers(client, comparison, sampling):
+        async for _ in stream_answers(client, comparison, sampling):
             yield comparison, "generating…", gr.update(), *boxes(), *vote_buttons_off
         if comparison.failed:
             yield comparison, "⚠️ an answer failed: press Regenerate", gr.update(), *boxes(), *vote_buttons_off

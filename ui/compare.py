@@ -7,14 +7,16 @@ a ranking such as ``B > A = C``.
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import string
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ui.client import ApiError
+from ui.client import ApiError, OpenAIClient, Sampling
 from ui.store import InvalidVoteError, VoteIn, check_ranking
 
 MAX_ANSWERS = 4
@@ -150,3 +152,29 @@ def reveal(comparison: Comparison) -> str:
              for i, a in enumerate(comparison.answers)]
     return "  \n".join(lines)
 
+
+async def stream_answers(client: OpenAIClient, comparison: Comparison,
+                          sampling: Sampling) -> AsyncIterator[None]:
+    """Generate every answer of a comparison concurrently; yields after each streamed chunk."""
+    updates: asyncio.Queue[bool] = asyncio.Queue()
+
+    async def pump(answer: ShownAnswer) -> None:
+        try:
+            stream = client.stream_chat(answer.model, comparison.messages, sampling, answer.version)
+            async for partial in stream:
+                answer.content, answer.finish_reason = partial.text, partial.finish_reason
+                await updates.put(False)
+        except ApiError as err:
+            answer.error, answer.finish_reason = rater_message(err), "error"
+        finally:
+            await updates.put(True)
+
+    tasks = [asyncio.create_task(pump(a)) for a in comparison.answers]
+    try:
+        finished = 0
+        while finished < len(tasks):
+            finished += await updates.get()
+            yield None
+    finally:
+        for task in tasks:
+            task.cancel()
