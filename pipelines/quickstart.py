@@ -2,8 +2,8 @@
 
 data (clean, filter, dedup, tokenizer, packed shards) -> pretrain (the 10m preset, recipe
 ``pipelines/recipes/quickstart_pretrain.yaml``) -> samples from the trained model -> SFT on the
-built-in instruction set (``quickstart_sft.yaml``) -> the base and SFT models' replies to the same
-held-out questions. Each stage is called through its own ``run(config)``, exactly as
+built-in instruction set (``quickstart_sft.yaml``) -> PPO (GRPO rewarded by the built-in rule,
+``quickstart_ppo.yaml``) -> the base, SFT and PPO models' replies to the same held-out questions. Each stage is called through its own ``run(config)``, exactly as
 ``groundup <stage>`` would call it, and writes into the same run directory.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pipelines.rundir import RunDir, local_copy, new_manifest
 
 PRETRAIN_RECIPE = Path(__file__).parent / "recipes" / "quickstart_pretrain.yaml"
 SFT_RECIPE = Path(__file__).parent / "recipes" / "quickstart_sft.yaml"
+PPO_RECIPE = Path(__file__).parent / "recipes" / "quickstart_ppo.yaml"
 SAMPLE_PROMPTS = ("The", "Return a", "This module provides", "If the argument is")
 
 
@@ -27,6 +28,7 @@ class Config(StageConfig):
     model: str | None = Field(None, description="model preset (default: the recipe's, 10m)")
     steps: int | None = Field(None, ge=1, description="pretraining steps (default: the recipe's)")
     sft_steps: int | None = Field(None, ge=1, description="SFT steps (default: the recipe's)")
+    ppo_steps: int | None = Field(None, ge=0, description="PPO iterations (default: the recipe's; 0 skips PPO)")
     questions: int = Field(5, ge=0, description="held-out questions both models answer at the end")
     sample_tokens: int = Field(48, ge=1, description="tokens per printed sample")
 
@@ -36,6 +38,7 @@ CLI_FLAGS = (
     Flag(("--model",), "model", "model preset (default 10m)"),
     Flag(("--steps",), "steps", "pretraining steps (default 250, the recipe)", {"type": int}),
     Flag(("--sft-steps",), "sft_steps", "SFT steps (default 100, the recipe)", {"type": int}),
+    Flag(("--ppo-steps",), "ppo_steps", "PPO iterations (default 20, the recipe; 0 skips PPO)", {"type": int}),
     Flag(("--seed",), "seed", "seed for every stage", {"type": int}),
 )
 
@@ -57,8 +60,8 @@ def print_samples(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int
 
 
 def run(config: Config) -> dict:
+    from pipelines import ppo, pretrain, sft
     from pipelines.data import stage as data_stage
-    from pipelines import pretrain, sft
     from pipelines.data.instructions import held_out_questions
     from pipelines.posttrain import compare_replies
 
@@ -86,23 +89,36 @@ def run(config: Config) -> dict:
     sft_manifest = sft.run(build_config(sft.Config, SFT_RECIPE, values=sft_values))
     sft_done = time.time()
     sft_dir = RunDir(config.run).uri_of("sft", sft_manifest["outputs"]["model"])
+    models = {"base": local_copy(model_dir), "sft": local_copy(sft_dir)}
+    ppo_figures: dict = {}
+    ppo_dir = None
+    if config.ppo_steps != 0:
+        ppo_values = {"run": config.run, "seed": config.seed}
+        if config.ppo_steps:
+            ppo_values["train.length.steps"] = config.ppo_steps
+        ppo_manifest = ppo.run(build_config(ppo.Config, PPO_RECIPE, values=ppo_values))
+        ppo_dir = RunDir(config.run).uri_of("ppo", ppo_manifest["outputs"]["model"])
+        models["ppo"] = local_copy(ppo_dir)
+        ppo_figures = {f"ppo_{k}": ppo_manifest["figures"].get(k) for k in
+                       ("start_val_rule_score", "val_rule_score", "val_kl")}
+    ppo_done = time.time()
     print("quickstart: replies to questions about modules the SFT model never saw in training")
-    replies = compare_replies({"base": local_copy(model_dir), "sft": local_copy(sft_dir)},
-                              held_out_questions(config.questions), config.sample_tokens, config.seed)
+    replies = compare_replies(models, held_out_questions(config.questions), config.sample_tokens, config.seed)
     figures = pretrain_manifest["figures"]
     manifest = new_manifest(
         "quickstart", config, started,
         inputs={"corpus": "builtin"},
         outputs={"data_manifest": "data/manifest.json", "pretrain_manifest": "pretrain/manifest.json",
                  "sft_manifest": "sft/manifest.json", "model": str(model_dir), "sft_model": str(sft_dir),
+                 "ppo_model": str(ppo_dir) if ppo_dir else None,
                  "samples": samples, "replies": replies},
         figures={"val_bits_per_byte": figures.get("val_bits_per_byte"),
                  "unigram_bits_per_byte": figures.get("unigram_bits_per_byte"),
                  "documents_kept": data_manifest["counts"].get("kept"),
                  "sft_start_val_loss": sft_manifest["figures"].get("start_val_loss"),
-                 "sft_val_loss": sft_manifest["figures"].get("val_loss")},
+                 "sft_val_loss": sft_manifest["figures"].get("val_loss"), **ppo_figures},
         timings={"data_s": round(data_done - started, 1), "pretrain_s": round(pretrain_done - data_done, 1),
-                 "sft_s": round(sft_done - pretrain_done, 1)},
+                 "sft_s": round(sft_done - pretrain_done, 1), "ppo_s": round(ppo_done - sft_done, 1)},
     )
     RunDir(config.run).write_manifest("quickstart", manifest)
     wall = manifest["timings"]["wall_s"]
@@ -110,7 +126,9 @@ def run(config: Config) -> dict:
     measured = (f"validation {bpb:.3f} bits/byte against the corpus's unigram entropy {unigram:.3f} bits/byte"
                 if bpb is not None and unigram is not None else "no validation pass ran (too few steps)")
     print(f"quickstart: done in {wall / 60:.1f} min — {measured}")
-    print(f"quickstart: chat with it:  groundup serve --model base={model_dir} --model sft={sft_dir}")
+    served = " ".join(f"--model {name}={path}" for name, path in
+                      (("base", model_dir), ("sft", sft_dir), ("ppo", ppo_dir)) if path)
+    print(f"quickstart: chat with it:  groundup serve {served}")
     return manifest
 
 

@@ -22,7 +22,7 @@ RAY_INTERNAL = re.compile(r"\.py:\d+ -- |\((?:pid=|\w+ pid=)|logging_progress|st
 def test_quickstart_runs_every_stage_prints_samples_and_replies_quietly(ray_cluster, tmp_path):
     run = tmp_path / "quickstart"
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", "quickstart", "--run", str(run),
-                             "--model", "1m", "--steps", "3", "--sft-steps", "3"], capture_output=True, text=True,
+                             "--model", "1m", "--steps", "3", "--sft-steps", "3", "--ppo-steps", "2"], capture_output=True, text=True,
                             timeout=900, env={**os.environ, "GROUNDUP_PROGRESS_INTERVAL_S": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "samples from the trained model" in result.stdout
@@ -32,7 +32,8 @@ def test_quickstart_runs_every_stage_prints_samples_and_replies_quietly(ray_clus
     assert (run / "pretrain" / "model" / "model.safetensors").is_file()
     assert (run / "sft" / "model" / "model.safetensors").is_file()
     replies = manifest["outputs"]["replies"]
-    assert len(replies) == 5 and all({"question", "base", "sft"} <= set(r) for r in replies)
+    assert len(replies) == 5 and all({"question", "base", "sft", "ppo"} <= set(r) for r in replies)
+    assert (run / "ppo" / "model" / "model.safetensors").is_file()
     assert replies[0]["question"] in result.stdout
     assert json.loads((run / "data" / "manifest.json").read_text())["counts"]["kept"] > 300
     # The console: ours only.
@@ -42,5 +43,6 @@ def test_quickstart_runs_every_stage_prints_samples_and_replies_quietly(ray_clus
     assert sum(1 for line in lines if not line.strip()) <= 3
     assert any(line.startswith("data: read, clean, filter") for line in lines)
     assert any("[pretrain] step" in line for line in lines) and any("[sft] step" in line for line in lines)
+    assert any("[ppo] step" in line for line in lines)
     log = run / "logs" / "quickstart.log"
     assert f"Ray's own messages go to {log}" in result.stdout and log.stat().st_size > 0
