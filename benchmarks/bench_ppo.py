@@ -1,15 +1,17 @@
 """PPO figures (issue 11), printed as ONE JSON line, side by side in one run:
 
-- rule score and KL to the reference on held-out prompts before and after PPO (the stage's own
-  evaluation at iteration 0 and at the end), and the reward-model score before and after;
-- wall time per iteration split into rollout (sampling, scoring, reference/critic passes) and update;
-- rollout sampling tokens/s inside the PPO workers against the generation core's batched tokens/s on the
-  same model, batch and lengths in a plain process (what the serving engine runs per replica; target
-  >= 0.5).
+- the built-in rule score (share of held-out replies that follow the rule) and the KL to the reference
+  on held-out prompts before and after PPO (the stage's own evaluation at iteration 0 and at the end), with
+  the reward before and after;
+- wall time per iteration split into rollout (sampling, scoring, reference passes) and update;
+- rollout sampling tokens/s inside the PPO worker against the serving engine's batched tokens/s
+  (``serving.engine.Engine``, what each replica runs) on the same model, batch, lengths and temperature
+  in a plain process (target >= 0.5).
 
-Needs a run directory with `sft/model` and `reward/model` (e.g. the quickstart's after
-`groundup reward --run RUN`). Writes `ppo/` into it.
-Run: python benchmarks/bench_ppo.py --run runs/quickstart [--iterations 20]
+Default: the quickstart's PPO recipe (GRPO rewarded by the built-in rule; needs only `sft/model`).
+``--reward-model``: GAE with the critic and reward from `<run>/reward/model` instead.
+Writes `ppo/` into the run.
+Run: python benchmarks/bench_ppo.py --run runs/quickstart [--iterations 20] [--reward-model]
 """
 from __future__ import annotations
 
@@ -21,37 +23,58 @@ from pathlib import Path
 import torch
 
 
-def generation_tokens_per_s(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> float:
+def engine_tokens_per_s(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, temperature: float,
+                        seed: int) -> float:
+    """The serving engine's tokens/s with every prompt in one batch (its KV-cache rows = the batch)."""
     from model.checkpoint import load_model, load_tokenizer
-    from model.generate import SamplingParams, generate
+    from model.generate import SamplingParams
+    from serving.engine import Engine
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True).ids for p in prompts]
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i) for i in range(len(encoded))]
-    generate(model, encoded[:4], params[:4], tokenizer)  # warm-up
-    started = time.perf_counter()
-    completions = generate(model, encoded, params, tokenizer)
-    return sum(len(c.sampled_ids) for c in completions) / (time.perf_counter() - started)
+    engine = Engine(model, tokenizer, max_batch_size=len(encoded))
+    tokens = [0]
+
+    def count(event) -> None:
+        if event.token_id is not None:  # the stop token too, as the rollout counts its sampled tokens
+            tokens[0] += 1
+
+    def one_pass(offset: int) -> float:
+        tokens[0] = 0
+        started = time.perf_counter()
+        for i, prompt in enumerate(encoded):
+            engine.submit(prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 seed=seed + offset + i), count)
+        engine.run_until_idle()
+        return tokens[0] / (time.perf_counter() - started)
+
+    one_pass(10_000)  # warm-up
+    return max(one_pass(0), one_pass(1000))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default="runs/quickstart")
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--reward-model", action="store_true", help="GAE against <run>/reward/model")
     args = parser.parse_args()
     run = Path(args.run)
 
     from pipelines import ppo
     from pipelines.config import build_config
     from pipelines.data.instructions import builtin_prompts
+    from pipelines.quickstart import PPO_RECIPE
     from pipelines.train.metrics import read_metrics
 
-    config = build_config(ppo.Config, overrides=[
-        f"run={run}", f"train.length.steps={args.iterations}", f"train.eval.every_steps={args.iterations}",
-        f"algo.prompts_per_iteration={args.prompts}", f"rollout.max_new_tokens={args.max_new_tokens}",
-        "train.eval.max_rows=64", "train.optimizer.lr=1e-4", "kl.coef=0.05"])
+    common = [f"run={run}", f"train.length.steps={args.iterations}", f"train.eval.every_steps={args.iterations}",
+              f"algo.prompts_per_iteration={args.prompts}", f"rollout.max_new_tokens={args.max_new_tokens}"]
+    if args.reward_model:
+        config = build_config(ppo.Config, overrides=[*common, "train.eval.max_rows=128", "train.optimizer.lr=1e-4",
+                                                     "kl.coef=0.05", "rollout.temperature=0.7"])
+    else:
+        config = build_config(ppo.Config, PPO_RECIPE, overrides=common)
     started = time.perf_counter()
     manifest = ppo.run(config)
     wall = time.perf_counter() - started
@@ -59,20 +82,25 @@ def main() -> None:
     steady = train[1:] or train
     mean = lambda key: sum(r[key] for r in steady) / len(steady)
     rollout_tps = mean("time/generate_tokens_per_s")
-    prompts = [p["prompt"] for p in builtin_prompts("train")[:args.prompts]]
+    replies = config.algo.prompts_per_iteration * config.algo.group_size  # one worker samples them all
+    prompts = [p["prompt"] for p in builtin_prompts("train")[:config.algo.prompts_per_iteration]
+               for _ in range(config.algo.group_size)]
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine_tps = generation_tokens_per_s(run / "sft" / "model", prompts, args.max_new_tokens, 0)
+    engine_tps = engine_tokens_per_s(run / "sft" / "model", prompts, args.max_new_tokens,
+                                     config.rollout.temperature, 0)
     f = manifest["figures"]
     print(json.dumps({
-        "iterations": len(train), "prompts_per_iteration": args.prompts,
+        "iterations": len(train), "prompts_per_iteration": config.algo.prompts_per_iteration,
+        "replies_per_iteration": replies, "estimator": config.algo.estimator,
         "rule_score_before": f.get("start_val_rule_score"), "rule_score_after": f.get("val_rule_score"),
-        "rule_score_relative_gain": (f["val_rule_score"] / f["start_val_rule_score"] - 1)
+        "rule_score_relative_gain": round(f["val_rule_score"] / f["start_val_rule_score"] - 1, 3)
         if f.get("start_val_rule_score") else None,
+        "rule_parts_before": f.get("start_val_rule_parts"), "rule_parts_after": f.get("val_rule_parts"),
         "score_before": f.get("start_val_score"), "score_after": f.get("val_score"),
         "kl_before": f.get("start_val_kl"), "kl_after": f.get("val_kl"),
         "rollout_s_per_iteration": round(mean("time/rollout"), 3), "update_s_per_iteration": round(mean("time/update"), 3),
-        "rollout_tokens_per_s": round(rollout_tps, 1), "generation_core_tokens_per_s": round(engine_tps, 1),
-        "rollout_vs_generation_core": round(rollout_tps / engine_tps, 3), "wall_s": round(wall, 1),
+        "rollout_tokens_per_s": round(rollout_tps, 1), "serving_engine_tokens_per_s": round(engine_tps, 1),
+        "rollout_vs_serving_engine": round(rollout_tps / engine_tps, 3), "target": 0.5, "wall_s": round(wall, 1),
     }))
 
 

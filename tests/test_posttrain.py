@@ -396,12 +396,13 @@ def test_the_feedback_loop_ranks_ppo_above_sft(sft_run, tmp_path):
         serve.shutdown()  # its CPUs go back to the training runs below
     assert rated.failed == 0 and rated.votes == 64 and rated.ties < 64, rated
     _cli("prefs", "export", "--run", str(loop), "--database", str(tmp_path / "votes.db"))
-    _cli("reward", "--run", str(loop), "train.num_workers=2", "train.precision.dtype=fp32", "train.length.steps=30",
+    # One worker each: the 2-worker paths of these stages are tested above; here the loop is the point.
+    _cli("reward", "--run", str(loop), "train.num_workers=1", "train.precision.dtype=fp32", "train.length.steps=30",
          "train.batch.micro_batch_size=8", "train.batch.global_batch_sequences=16", "train.optimizer.lr=1e-3",
          "train.eval.every_steps=30")
     reward_manifest = json.loads((loop / "reward" / "manifest.json").read_text())
     assert reward_manifest["inputs"]["pairs"][0].endswith("prefs/train.jsonl")  # the votes, not built-in pairs
-    _cli("ppo", "--run", str(loop), *PPO_COMMON, "train.length.steps=12", "train.eval.every_steps=12",
+    _cli("ppo", "--run", str(loop), *PPO_COMMON, "train.num_workers=1", "train.length.steps=12", "train.eval.every_steps=12",
          "train.eval.max_rows=32", "algo.prompts_per_iteration=16", "rollout.max_new_tokens=24", "kl.coef=0.05",
          "train.optimizer.lr=3e-4")
     manifest = json.loads((loop / "ppo" / "manifest.json").read_text())
