@@ -22,7 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ui.client import OpenAIClient, Sampling
-from ui.compare import LETTERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_round, stream_answers
+from ui.compare import (
+    LETTERS,
+    MAX_ANSWERS,
+    Comparison,
+    ShownAnswer,
+    build_vote,
+    parse_ranking,
+    plan_round,
+    stream_answers,
+)
 from ui.store import PreferenceStore
 
 RATER = "scripted-rule-rater"
@@ -70,7 +79,11 @@ async def rate_rounds(api_url: str, store: PreferenceStore, questions: Sequence[
     """One Compare round of ``n_answers`` anonymous answers per question, ``concurrency`` rounds at a time
     (the server batches them); ``models`` defaults to every model the endpoint lists."""
     client = OpenAIClient(api_url)
-    names = list(models) or [m.id for m in await client.list_models()]
+    listed = [m.id for m in await client.list_models()]
+    unknown = sorted(set(models) - set(listed))
+    if unknown:
+        raise ValueError(f"model {unknown[0]!r} is not served at {api_url} (it lists {', '.join(listed) or 'none'})")
+    names = list(models) or listed
     rng = random.Random(seed)
     gate = asyncio.Semaphore(concurrency)
 
@@ -106,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not 2 <= args.answers <= MAX_ANSWERS:
+        parser.error(f"--answers must be between 2 and {MAX_ANSWERS}")
     from ui.client import ApiError
 
     with PreferenceStore(args.database) as store:
