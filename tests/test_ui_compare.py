@@ -133,3 +133,15 @@ def test_build_vote_carries_everything_and_refuses_bad_states():
     with pytest.raises(ValueError, match="already has your vote"):
         build_vote(voted, "carol", "ranked", [[0], [1]], [])
     assert reveal(comparison()) == "**Answer A**: `x` (v1)  \n**Answer B**: `y` (v1)"
+
+
+def test_scripted_rater_ranks_by_the_built_in_rule_as_a_person_types_it():
+    from ui.compare import parse_ranking
+    from ui.scripted_rater import rule_ranking
+
+    follows = "Return the object."  # every part of the rule
+    no_end, gibberish = "Return the object", "Rqzx the objectqz."  # three parts each
+    one_word = "Return"  # real words and no repetition only: two parts
+    assert rule_ranking([no_end, follows, one_word, gibberish]) == "B > A = D > C"
+    assert parse_ranking(rule_ranking([no_end, follows, one_word, gibberish]), 4) == [[1], [0, 3], [2]]
+    assert rule_ranking([follows, follows]) == "A = B"  # a tie, stored as one group
