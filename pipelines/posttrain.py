@@ -63,6 +63,8 @@ class PostTrainConfig(StageConfig):
     train: TrainConfig = TrainConfig()
     lora: LoraSettings = LoraSettings()
     resume: bool = Field(False, description="continue the run's latest complete checkpoint")
+    show_replies: bool = Field(True, description="print the starting and trained models' replies to held-out "
+                               "questions at the end (the manifest keeps them either way)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started by this stage (default: all)")
 
     model_config = ConfigDict(populate_by_name=True)
@@ -321,9 +323,10 @@ def add_reply_comparison(config: PostTrainConfig, stage: str, before: dict[str, 
     from pipelines.data.instructions import held_out_questions
 
     run = RunDir(config.run)
-    print(f"{stage}: replies before and after, to questions about modules never seen in training", flush=True)
+    if config.show_replies:
+        print(f"{stage}: replies before and after, to questions about modules never seen in training", flush=True)
     rows = compare_replies({**before, stage: local_copy(run.uri_of(stage, "model"))}, held_out_questions(questions),
-                           seed=config.seed)
+                           seed=config.seed, show=config.show_replies)
     manifest["outputs"]["replies"] = rows
     run.write_manifest(stage, manifest)
     return manifest

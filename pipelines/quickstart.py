@@ -83,7 +83,8 @@ def run(config: Config) -> dict:
     model_dir = RunDir(config.run).uri_of("pretrain", pretrain_manifest["outputs"]["model"])
     samples = print_samples(local_copy(model_dir), SAMPLE_PROMPTS, config.sample_tokens, config.seed)
 
-    sft_values = {"run": config.run, "seed": config.seed}
+    # The stages keep their replies in their manifests; the quickstart prints all models' side by side at the end.
+    sft_values = {"run": config.run, "seed": config.seed, "show_replies": False}
     if config.sft_steps:
         sft_values["train.length.steps"] = config.sft_steps
     sft_manifest = sft.run(build_config(sft.Config, SFT_RECIPE, values=sft_values))
@@ -93,7 +94,7 @@ def run(config: Config) -> dict:
     ppo_figures: dict = {}
     ppo_dir = None
     if config.ppo_steps != 0:
-        ppo_values = {"run": config.run, "seed": config.seed}
+        ppo_values = {"run": config.run, "seed": config.seed, "show_replies": False}
         if config.ppo_steps:
             ppo_values["train.length.steps"] = config.ppo_steps
         ppo_manifest = ppo.run(build_config(ppo.Config, PPO_RECIPE, values=ppo_values))
