@@ -70,3 +70,50 @@ def test_fix_unicode_equals_ftfy_on_the_builtin_and_real_corpora(builtin_documen
     assert len(texts) > 250
     for text in texts:
         assert fix_unicode(text) == ftfy.fix_text(text, normalization=None), text[:80]
+
+
+# ---------------------------------------------------------------- language identification on a sample
+
+FRENCH = ("Le chat dort sur le canapé pendant que la pluie tombe doucement sur les toits de la ville. "
+          "Les enfants rentrent de l'école en courant, et leur mère prépare une soupe aux légumes. ")
+ENGLISH = ("The river runs through the old town and the bridge that crosses it was built of stone. "
+           "People walk to the market in the morning, and they buy bread, fruit and fish for the day. ")
+
+
+def test_language_sample_is_bounded_and_cut_at_words():
+    from pipelines.data.filters import LANGUAGE_SAMPLE_CHARS, LANGUAGE_WHOLE_CHARS, language_sample
+
+    assert language_sample("  short\n\n   text\t here ") == "short text here"
+    book = ENGLISH * 2000  # 360 KB
+    sample = language_sample(book)
+    assert len(sample) <= 3 * LANGUAGE_SAMPLE_CHARS + 2
+    assert set(sample.split()) <= set(book.split())  # whole words only
+    assert len(language_sample("x " * LANGUAGE_WHOLE_CHARS)) < len("x " * LANGUAGE_WHOLE_CHARS)
+
+
+def test_a_long_document_is_identified_from_its_sample_as_from_its_whole_text(builtin_documents, real_documents):
+    from pipelines.data.clean import CleanConfig, clean_document
+    from pipelines.data.filters import LANGUAGE_WHOLE_CHARS, _language_identifier, identify_language
+
+    identifier = _language_identifier()
+    compared = 0
+    for text in [ENGLISH * 500, FRENCH * 500] + builtin_documents + real_documents:
+        text = clean_document(text, False, CleanConfig())[0]
+        if len(text) <= LANGUAGE_WHOLE_CHARS:
+            continue
+        whole, score = identifier.classify(" ".join(text.split()))
+        if score < 0.99:  # documents the whole text does not settle (tables of numbers, code) say nothing
+            continue
+        assert identify_language(text)[0] == whole, text[:80]
+        compared += 1
+    assert compared > 300
+
+
+def test_a_document_whose_bulk_is_another_language_is_caught():
+    from pipelines.data.filters import LanguageConfig, language_decision
+
+    cfg = LanguageConfig()
+    # An English opening of 3 KB before 60 KB of French: the first 10k characters alone would keep it.
+    assert language_decision(ENGLISH * 17 + FRENCH * 330, cfg)[:2] == ("language:not_en", "fr")
+    assert language_decision(FRENCH * 17 + ENGLISH * 330, cfg)[0] is None  # a short foreign preface stays
+    assert language_decision(ENGLISH * 400, cfg)[0] is None
