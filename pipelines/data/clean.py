@@ -16,7 +16,7 @@ from pydantic import Field
 
 from pipelines.config import StrictModel
 
-_TRAILING_SPACE = re.compile(r"[ \t\f\v\u00a0]+$", re.MULTILINE)
+_TRAILING_SPACE_CHARS = " \t\f\v\u00a0"
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 # C0/C1 control characters other than tab and newline carry no text and confuse tokenizers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -181,6 +181,15 @@ def fix_unicode(text: str) -> str:
     return "".join(out)
 
 
+def strip_trailing_spaces(text: str) -> str:
+    """Spaces, tabs and no-break spaces removed from the end of every line (what the regex
+    ``[ \t\f\v\u00a0]+$`` with MULTILINE removes), by C-level string methods: a few ``in`` tests
+    settle most texts, which have none."""
+    if not any(c + "\n" in text for c in _TRAILING_SPACE_CHARS) and not text.endswith(tuple(_TRAILING_SPACE_CHARS)):
+        return text
+    return "\n".join(line.rstrip(_TRAILING_SPACE_CHARS) for line in text.split("\n"))
+
+
 def normalize_text(text: str, cfg: CleanConfig) -> str:
     if cfg.fix_unicode:
         # normalization=None: NFC is applied below (and can be switched off on its own).
@@ -190,8 +199,9 @@ def normalize_text(text: str, cfg: CleanConfig) -> str:
     if cfg.normalize_whitespace:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = _CONTROL.sub("", text)
-        text = _TRAILING_SPACE.sub("", text)
-        text = _MANY_BLANK_LINES.sub("\n\n", text)
+        text = strip_trailing_spaces(text)
+        if "\n\n\n" in text:
+            text = _MANY_BLANK_LINES.sub("\n\n", text)
         text = text.strip()
     return text
 

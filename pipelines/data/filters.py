@@ -14,6 +14,7 @@ the manifest can count drops per filter and rule.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -30,23 +31,20 @@ _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                      "use of cookies", "use cookies")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-# Whitespace-separated tokens without an ASCII letter (digit): on ASCII text, the words for which
-# ``any(c.isalpha())`` (``any(c.isalnum())``) is false. \s and str.split() agree on whitespace.
-_NO_ALPHA_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z]++(?!\S)")
-_NO_ALNUM_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z0-9]++(?!\S)")
 _LONG_TOKEN_CACHE: dict[int, re.Pattern] = {}
 
 
 class Document:
     """Views of one text that several filters need, each computed once, on first use."""
 
-    __slots__ = ("text", "_words", "_lines", "_lower")
+    __slots__ = ("text", "_words", "_lines", "_lower", "_counts")
 
     def __init__(self, text: str):
         self.text = text
         self._words: list[str] | None = None
         self._lines: list[str] | None = None
         self._lower: str | None = None
+        self._counts: dict[str, int] | None = None
 
     @property
     def words(self) -> list[str]:
@@ -60,6 +58,14 @@ class Document:
         if self._lines is None:
             self._lines = [line for line in map(str.strip, self.text.split("\n")) if line]
         return self._lines
+
+    @property
+    def word_counts(self) -> dict[str, int]:
+        """Each distinct word with its count, in order of first appearance (word-level rules look at
+        each distinct word once instead of every occurrence)."""
+        if self._counts is None:
+            self._counts = Counter(self.words)
+        return self._counts
 
     @property
     def lower(self) -> str:
@@ -334,16 +340,23 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = N
         return "gopher_quality:too_few_words"
     if n_words > cfg.max_doc_words:
         return "gopher_quality:too_many_words"
-    ascii_text = text.isascii()
-    # Word lengths are measured on words with a letter or digit: lone punctuation is not a word.
-    if ascii_text:  # the same counts with one regex scan instead of a Python loop per word
-        word_chars = sum(map(len, words))
-        not_real = _NO_ALNUM_TOKEN.findall(text)
-        n_real = n_words - len(not_real)
-        real_chars = word_chars - sum(map(len, not_real))
-    else:
-        real = list(filter(_has_alnum, words))
-        n_real, real_chars = len(real), sum(map(len, real))
+    # Every per-word count in one pass over the distinct words: words with a letter or digit (lone
+    # punctuation is not a word for the length rule), words with a letter, stop words.
+    stop = frozenset(cfg.stop_words)
+    n_real = real_chars = alpha = n_stop = 0
+    for word, count in doc.word_counts.items():
+        if word.isalpha():
+            n_real += count
+            real_chars += len(word) * count
+            alpha += count
+        else:
+            if _has_alnum(word):
+                n_real += count
+                real_chars += len(word) * count
+            if _has_alpha(word):
+                alpha += count
+        if word.lower() in stop:
+            n_stop += count
     avg_len = real_chars / max(n_real, 1)
     if avg_len < cfg.min_avg_word_length:
         return "gopher_quality:short_words"
@@ -360,14 +373,9 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = N
         ellipsis = sum(1 for line in lines if line.endswith(("...", "…")))
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return "gopher_quality:ellipsis_lines"
-    if ascii_text:
-        alpha = n_words - len(_NO_ALPHA_TOKEN.findall(text))
-    else:
-        alpha = sum(map(_has_alpha, words))
     if alpha / n_words < cfg.min_alpha_words_ratio:
         return "gopher_quality:non_alpha_words"
-    stop = frozenset(cfg.stop_words)
-    if sum(map(stop.__contains__, map(str.lower, words))) < cfg.min_stop_words:
+    if n_stop < cfg.min_stop_words:
         return "gopher_quality:few_stop_words"
     return None
 
@@ -439,9 +447,8 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig, doc: Document | No
     if dup_chars / total_chars > cfg.max_dup_line_char_frac:
         return "gopher_repetition:dup_line_char_frac"
     words = doc.words
-    vocabulary: dict[str, int] = {}
-    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in words), dtype=np.uint64,
-                           count=len(words))
+    vocabulary = {word: i for i, word in enumerate(doc.word_counts)}  # ids in order of first appearance
+    word_ids = np.fromiter(map(vocabulary.__getitem__, words), dtype=np.uint64, count=len(words))
     word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     cum_len = np.concatenate([[0], np.cumsum(word_len)])
     word_chars = max(int(cum_len[-1]), 1)
@@ -576,7 +583,7 @@ BOOK_WORDS = 20_000
 SHAPE_CHARS = 20_000
 
 
-def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str:
+def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str, words: list[str] | None = None) -> str:
     """``auto``: the preset that fits a document, from its format and shape.
 
     - code_docs: the built-in corpus (Python's documentation), or text where at least 15% of the lines
@@ -586,6 +593,7 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
       lines, or speaker labels such as ``HAMLET.``);
     (line shapes are read on the first 20,000 characters)
     - web otherwise (the published rules are the default for text of unknown origin).
+    ``words`` is ``text.split()`` when the caller has it already.
     """
     if source == "builtin" or meta.get("kind") in ("docstrings", "pydoc_topic"):
         return "code_docs"
@@ -597,7 +605,7 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
         code = sum(1 for line in lines if _CODE_LINE.search(line))
         if code / len(lines) >= 0.15:
             return "code_docs"
-    if len(text) >= BOOK_WORDS * 5 and len(text.split()) >= BOOK_WORDS:
+    if len(text) >= BOOK_WORDS * 5 and len(text.split() if words is None else words) >= BOOK_WORDS:
         return "books"
     if len(lines) >= 8:
         short = sum(1 for line in lines if len(line.strip()) <= 60) / len(lines)
