@@ -117,3 +117,20 @@ def test_a_document_whose_bulk_is_another_language_is_caught():
     assert language_decision(ENGLISH * 17 + FRENCH * 330, cfg)[:2] == ("language:not_en", "fr")
     assert language_decision(FRENCH * 17 + ENGLISH * 330, cfg)[0] is None  # a short foreign preface stays
     assert language_decision(ENGLISH * 400, cfg)[0] is None
+
+
+def test_the_cached_language_model_scores_as_py3langid(tmp_path, monkeypatch):
+    """The decompressed model kept between processes (GROUNDUP_CACHE_DIR) gives py3langid's scores."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    from pipelines.data import filters
+
+    monkeypatch.setenv("GROUNDUP_CACHE_DIR", str(tmp_path))
+    written = filters._load_cached_identifier()   # decompresses and writes the cache
+    read = filters._load_cached_identifier()      # reads it
+    assert filters._model_cache_path().parent == tmp_path and filters._model_cache_path().is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    assert written._depth == read._depth >= 4
+    for text in (ENGLISH, FRENCH, "東京は晴れ", "Привет, мир", "", "12345 ..."):
+        assert (read._decide(text) == reference._decide(text)).all(), text

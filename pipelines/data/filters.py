@@ -13,9 +13,12 @@ the manifest can count drops per filter and rule.
 """
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -216,13 +219,13 @@ class _WindowedIdentifier(LanguageIdentifier):
 
     __slots__ = ("_next", "_row_offsets", "_feature", "_depth")
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, depth: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # A view of the library's transition table (no copy: it has ~10M entries).
         self._next = np.frombuffer(self.tk_nextmove, dtype=np.dtype(self.tk_nextmove.typecode))
         self._row_offsets = np.asarray(self._rowbase, dtype=np.int64)
         self._feature = np.asarray(self.tk_output, dtype=np.int64)
-        self._depth = self._trie_depth()
+        self._depth = self._trie_depth() if depth is None else depth
 
     def _trie_depth(self) -> int:
         """Longest shortest path from the root (breadth-first over all 256 bytes per state)."""
@@ -266,9 +269,48 @@ _SELF_CHECK = ("Grüße aus Köln — naïve café. 東京は晴れ。 Прив�
                "the quick brown fox jumps over the lazy dog") * 3
 
 
+def _model_cache_path() -> Path:
+    """Where the decompressed language model is kept between processes: ``GROUNDUP_CACHE_DIR`` or a
+    folder in the temporary directory, one file per py3langid model file (size and time in the name)."""
+    from py3langid.langid import MODEL_DIR
+
+    source = Path(MODEL_DIR) / MODEL_FILE
+    info = source.stat()
+    base = Path(os.environ.get("GROUNDUP_CACHE_DIR") or Path(tempfile.gettempdir()) / "groundup-cache")
+    return base / f"py3langid-{info.st_size}-{int(info.st_mtime)}.npz"
+
+
+def _load_cached_identifier() -> "_WindowedIdentifier":
+    """The identifier from the decompressed model (about 70 MB, written once, atomically); reading it
+    takes a fraction of the second py3langid spends decompressing its LZMA file in every worker
+    process. The arrays are py3langid's own (``modelio.load_model``), as ``from_model_file`` builds
+    them, with the automaton's depth (:meth:`_WindowedIdentifier._trie_depth`)."""
+    from py3langid import modelio
+    from py3langid.langid import MODEL_DIR
+
+    cache = _model_cache_path()
+    if not cache.is_file():
+        ptc, pc, classes, nextmove, row, output = modelio.load_model(Path(MODEL_DIR) / MODEL_FILE)
+        depth = _WindowedIdentifier(np.asarray(ptc), pc, classes, nextmove, output, norm_probs=True, tk_row=row)._depth
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        with open(partial, "wb") as out:
+            np.savez(out, ptc=ptc, pc=pc, classes=np.array(classes), nextmove=np.frombuffer(nextmove, dtype=np.dtype(nextmove.typecode)),
+                     nextmove_row=np.frombuffer(row, dtype=np.dtype(row.typecode)), out_feat=np.array(output, dtype=np.int64), depth=np.array(depth))
+        os.replace(partial, cache)
+    with np.load(cache, allow_pickle=False) as data:
+        return _WindowedIdentifier(np.asarray(data["ptc"]), data["pc"], data["classes"].tolist(),
+                                   modelio._to_array(data["nextmove"]), data["out_feat"].tolist(),
+                                   norm_probs=True, tk_row=modelio._to_array(data["nextmove_row"]),
+                                   depth=int(data["depth"]))
+
+
 @lru_cache(maxsize=1)
 def _language_identifier() -> LanguageIdentifier:
-    identifier = _WindowedIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    try:
+        identifier = _load_cached_identifier()
+    except Exception:  # no writable cache, another py3langid layout: the library's own loading
+        identifier = _WindowedIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     # Guard against a py3langid whose automaton is not what the fast walk assumes: fall back to
     # the library's own walk when they disagree on a mixed-script sample.
     data = identifier._encode(_SELF_CHECK)
