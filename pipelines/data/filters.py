@@ -111,6 +111,8 @@ class GopherRepetitionConfig(StrictModel):
     max_dup_para_char_frac: float = 0.2
     top_ngram_max_frac: dict[int, float] = {2: 0.2, 3: 0.18, 4: 0.16}
     dup_ngram_max_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    ignore_symbol_lines: bool = Field(False, description="lines without a letter or digit (a lone '{' or '},' "
+                                                         "of example code) never count as repeated lines")
 
 
 class C4Config(StrictModel):
@@ -178,6 +180,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
                "min_words_per_line": 0, "min_num_sentences": 1},
         "fineweb": {"char_duplicates_ratio": 0.1, "line_punct_thr": 0.0, "new_line_ratio": 0.5},
         "gopher_repetition": {"max_dup_line_char_frac": 0.3, "max_dup_para_char_frac": 0.3,
+                              "ignore_symbol_lines": True,
                               "dup_ngram_max_frac": {5: 0.3, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.2}},
     },
 }
@@ -422,12 +425,13 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = N
     return None
 
 
-def _duplicate_stats(elements: list[str]) -> tuple[int, int]:
-    """(number of elements that repeat an earlier one, characters in them)."""
+def _duplicate_stats(elements: list[str], ignore_symbols: bool = False) -> tuple[int, int]:
+    """(number of elements that repeat an earlier one, characters in them); with ``ignore_symbols``
+    elements without a letter or digit never count as repeats (they still count as elements)."""
     seen: set[str] = set()
     dup_count = dup_chars = 0
     for element in elements:
-        if element in seen:
+        if element in seen and not (ignore_symbols and not _has_alnum(element)):
             dup_count += 1
             dup_chars += len(element)
         else:
@@ -483,7 +487,7 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig, doc: Document | No
     if dup_chars / total_chars > cfg.max_dup_para_char_frac:
         return "gopher_repetition:dup_para_char_frac"
     lines = doc.lines
-    dup, dup_chars = _duplicate_stats(lines)
+    dup, dup_chars = _duplicate_stats(lines, cfg.ignore_symbol_lines)
     if lines and dup / len(lines) > cfg.max_dup_line_frac:
         return "gopher_repetition:dup_line_frac"
     if dup_chars / total_chars > cfg.max_dup_line_char_frac:
