@@ -1,6 +1,7 @@
 """Data stage throughput, with the ceilings it is measured against, in one run; prints ONE JSON line.
 
     python benchmarks/bench_data.py [--mb 50 | --copies N] [--num-cpus N] [--real-mb 12] [--only-real]
+    python benchmarks/bench_data.py --steps-only [--profile N]   # no Ray: the step list in this process
 
 Measures end-to-end MB/s per core of ``groundup data`` on the built-in corpus and on a larger one
 (the built-in corpus replicated with word-level perturbations, so near duplicates exist; about
@@ -205,6 +206,50 @@ def measure_real(tmp_path: Path, real_mb: float, cores: int) -> dict:
                             "real_ge_1_mb_per_cpu_s": (real["mb_per_cpu_s"] or 0) >= 1.0}}
 
 
+def measure_steps(tmp_path: Path, real_mb: float, profile: int = 0) -> dict:
+    """The per-document step list (the default pipeline with the dedup signature) run in this process
+    over the real corpus's documents: MB per CPU-second of the steps alone, which load on a shared
+    machine does not distort (process CPU time, not wall time). ``profile`` > 0 prints cProfile's top
+    ``profile`` functions by cumulative time to stderr."""
+    from pipelines.data.readers import ReadConfig, read_input_file, resolve_inputs
+    from pipelines.data.records import KEPT
+    from pipelines.data.stage import Config, ProcessBatch
+    from pipelines.data.steps import build_steps
+    from pipelines.data.records import to_table
+
+    real_dir = real_corpus(tmp_path, real_mb)
+    config = build_config(Config, values={"inputs": [str(real_dir)], "run": str(tmp_path / "steps")}, overrides=[])
+    rows = [r for f in resolve_inputs(config.inputs, ReadConfig()) for r in read_input_file(f, config.read)]
+    mb = sum(r["bytes_in"] for r in rows) / 1e6
+    processor = ProcessBatch(build_steps(config.steps, config, sign=True), config.pii, config.filters.preset)
+    batches = [to_table(rows[i:i + 32]) for i in range(0, len(rows), 32)]
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = [processor(batch) for batch in batches]
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(profile)
+    seconds: dict[str, float] = {}
+    kept = 0
+    for table in out:
+        for value in table.column("step_seconds").to_pylist():
+            for name, t in json.loads(value).items():
+                seconds[name] = seconds.get(name, 0.0) + t
+        kept += sum(1 for s in table.column("status").to_pylist() if s == KEPT)
+    return {"mb_in": round(mb, 3), "documents_in": len(rows), "kept": kept, "cpu_s": round(cpu, 2),
+            "wall_s": round(wall, 2), "mb_per_cpu_s": round(mb / cpu, 4),
+            "step_cpu_s": {k: round(v, 3) for k, v in seconds.items()},
+            "step_mb_per_s": {k: round(mb / v, 2) for k, v in seconds.items() if v > 0}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=50.0, help="approximate size of the larger corpus in MB")
@@ -213,7 +258,16 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--real-mb", type=float, default=12.0, help="size of the real-document corpus in MB")
     parser.add_argument("--only-real", action="store_true", help="measure only the real-document corpus")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the per-document steps over the real corpus, in this process (no Ray)")
+    parser.add_argument("--profile", type=int, default=0, help="with --steps-only: print cProfile's top N to stderr")
     args = parser.parse_args()
+    if args.steps_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            steps = measure_steps(Path(tmp), args.real_mb, args.profile)
+        print(json.dumps({"benchmark": "data_steps", "load_average_1m": round(os.getloadavg()[0], 2),
+                          "real_steps": steps}), flush=True)
+        return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from pipelines.ray_env import ensure_ray
 

@@ -81,3 +81,28 @@ def test_cluster_dedup_matches_in_process(ray_cluster):
     assert removed == dedup_in_memory(docs, cfg)
     assert_quality(removed, pairs)
     assert stats["documents"] == len(docs) and stats["exact_groups"] >= 12  # copies, plus variants with no edit
+
+
+@pytest.mark.ray
+def test_signed_dedup_on_the_driver_equals_the_shuffles(ray_cluster):
+    """Small corpora are grouped on the driver (dedup.local_max_documents): the same duplicates as
+    the two distributed shuffles and as the in-process reference."""
+    import ray
+
+    from pipelines.data.dedup import dedup_dataset, new_minhash, sign_document
+
+    docs, pairs = planted_corpus()
+    cfg = DedupConfig()
+    prototype = new_minhash(cfg)
+    rows = []
+    for doc in docs:
+        exact, signature, keys = sign_document(doc["text"], cfg, prototype)
+        rows.append({"id": doc["id"], "exact_hash": exact, "signature": signature, "band_keys": keys.tolist(),
+                     "t_dedup": 0.001})
+    ds = ray.data.from_items(rows, override_num_blocks=8)
+    local, local_stats = dedup_dataset(ds, cfg, signed=True)
+    shuffled, shuffled_stats = dedup_dataset(ds, cfg.model_copy(update={"local_max_documents": 0}), signed=True)
+    over_limit, _ = dedup_dataset(ds, cfg.model_copy(update={"local_max_documents": len(docs) - 1}), signed=True)
+    assert local == shuffled == over_limit == dedup_in_memory(docs, cfg)
+    assert local_stats == shuffled_stats
+    assert_quality(local, pairs)

@@ -98,6 +98,19 @@ def test_card_numbers_in_the_formats_real_text_uses_are_masked(card):
     assert text == "Paid with <CARD_NUMBER>, thanks." and counts["card"] == 1
 
 
+@pytest.mark.parametrize("phone", ["+33 1 42 68 53 00", "01 42 68 53 00", "+33 6 12 34 56 78", "+33.1.42.68.53.00",
+                                   "+49 30 1234 5678", "+1 (555) 123-4567", "+44 20 7946 0958"])
+def test_phone_numbers_in_french_and_international_layouts_are_masked(phone):
+    text, counts = redact(f"Appelez le {phone} demain.", PIIConfig())
+    assert text == "Appelez le <PHONE> demain." and counts["phone"] == 1
+
+
+@pytest.mark.parametrize("text", ["Python 3.11.7 on 2023-12-04", "steps 1 2 3 4 5", "+1 2 3", "score 12 34 56 78",
+                                  "ISBN 978-0-13-110362-7"])
+def test_numbers_that_are_not_phones_stay(text):
+    assert redact(text, PIIConfig())[0] == text
+
+
 def test_rejected_and_quarantined_rows_are_masked_unless_asked():
     from pipelines.data.clean import CleanConfig
     from pipelines.data.filters import FiltersConfig

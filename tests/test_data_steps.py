@@ -247,3 +247,32 @@ def test_an_input_given_as_path_colon_preset_judges_its_documents_by_that_preset
     out = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig())(to_table(rows)).to_pylist()
     assert out[0]["preset"] == "web" and out[0]["status"] == "dropped"  # the input's preset, not auto's books
     assert out[1]["preset"] == "books" and out[1]["status"] == "kept"   # auto chose books for the verse
+
+
+def _json_docs_page() -> str:
+    import json
+
+    notes = ["The alpha backend serves the public website, so its retries are short and its timeout is strict.",
+             "Batch jobs go to the beta backend, which may wait longer for a slow database before it gives up.",
+             "Use gamma for internal tools; it accepts larger uploads and keeps connections open between calls.",
+             "The delta backend mirrors traffic for testing, and nothing it returns is ever shown to a user."]
+    parts = ["Configuring the service", "", "The service reads its settings from a JSON file; the examples below "
+             "show the layouts people use most often, each followed by when to use it."]
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        example = {"backend": {"name": name, "port": 8080 + i, "retry": {"count": i + 2, "delay": 0.5}}}
+        parts += ["", notes[i], "", *json.dumps(example, indent=2).split("\n")]
+    return "\n".join(parts)
+
+
+def test_code_docs_does_not_count_repeated_bracket_lines_as_duplicate_lines():
+    """Example JSON repeats lines such as "}" and "}," — not boilerplate in documentation."""
+    from pipelines.data.filters import effective_filters, gopher_repetition
+
+    page = _json_docs_page()
+    assert gopher_repetition(page, effective_filters(FiltersConfig(), "code_docs").gopher_repetition) is None
+    assert gopher_repetition(page, effective_filters(FiltersConfig(), "web").gopher_repetition) \
+        == "gopher_repetition:dup_line_frac"
+    # A repeated line with words still counts in code_docs.
+    spam = "\n".join(["Click here to subscribe to our newsletter today."] * 20 + [f"line {i} of text" for i in range(20)])
+    assert gopher_repetition(spam, effective_filters(FiltersConfig(), "code_docs").gopher_repetition) \
+        == "gopher_repetition:dup_line_frac"

@@ -51,6 +51,10 @@ class DedupConfig(StrictModel):
         "signature", description="check LSH candidates: MinHash estimate, true Jaccard of shingles, or not at all")
     jaccard_threshold: float = Field(0.7, gt=0, le=1, description="candidates below this similarity are not merged")
     minhash_seed: int = Field(1, description="seed of datasketch's permutations")
+    local_max_documents: int = Field(
+        50_000, ge=0, description="up to this many signed documents are grouped on the driver (the same "
+                                  "functions, the same result) instead of by two distributed shuffles, which "
+                                  "cost seconds of scheduling each on a small corpus; 0: always shuffle")
 
     @model_validator(mode="after")
     def _bands_cover_signature(self) -> "DedupConfig":
@@ -298,6 +302,46 @@ def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, n
 SIGNED_COLUMNS = ("id", "exact_hash", "signature", "band_keys", "t_dedup")
 
 
+def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig, kept=None) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """:func:`dedup_dataset` on the driver for signed rows (dicts of :data:`SIGNED_COLUMNS`): the same
+    groups, buckets, edge checks and components as the two shuffles compute, so the same result.
+    ``kept`` (the dataset) is read only for ``verify="exact"``, for the texts of candidate pairs."""
+    seconds = float(sum(row["t_dedup"] or 0.0 for row in rows))
+    dup_groups: list[list[str]] = []
+    if cfg.exact:
+        members: dict[str, list[str]] = {}
+        for row in rows:
+            members.setdefault(str(row["exact_hash"]), []).append(str(row["id"]))
+        dup_groups = sorted(sorted(ids) for ids in members.values() if len(ids) > 1)
+    exact_removed = {d for g in dup_groups for d in g if d != min(g)}
+    edges: list[tuple[str, str]] = []
+    candidate_pairs = 0
+    if cfg.near:
+        buckets: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if str(row["id"]) in exact_removed:
+                continue
+            for key in np.asarray(row["band_keys"], dtype=np.int64).tolist():
+                buckets.setdefault(key, []).append(i)
+        found: set[tuple[str, str]] = set()
+        for members_at in buckets.values():
+            if len(members_at) > 1:
+                found.update(bucket_edges([str(rows[i]["id"]) for i in members_at],
+                                          [np.frombuffer(rows[i]["signature"], dtype=np.uint32) for i in members_at],
+                                          cfg))
+        edges = sorted(found)
+        candidate_pairs = len(edges)
+        if cfg.verify == "exact" and edges:
+            involved = {x for e in edges for x in e}
+            texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
+                lambda r: r["id"] in involved).take_all()}
+            edges = filter_edges_exact(edges, texts, cfg)
+    removed = resolve_duplicates(dup_groups, edges)
+    stats = {"documents": len(rows), "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
+             "verified_pairs": len(edges), "cpu_seconds_signatures": round(seconds, 3)}
+    return removed, stats
+
+
 def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
     """Duplicates among the rows of ``kept`` (a Ray Dataset with ``id`` and ``text``, or with
     :data:`SIGNED_COLUMNS` already computed by :func:`sign_document` when ``signed``).
@@ -308,6 +352,12 @@ def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[st
 
     # A few partitions per CPU: the default (hundreds) costs seconds of scheduling on small corpora.
     partitions = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    if signed and cfg.local_max_documents:
+        # Small corpora: one job brings the signatures to the driver (at most local_max_documents
+        # rows of ~0.6 KB), instead of materialising them and shuffling twice.
+        rows = kept.select_columns(list(SIGNED_COLUMNS)).take(cfg.local_max_documents + 1)
+        if len(rows) <= cfg.local_max_documents:
+            return dedup_signed_rows(rows, cfg, kept)
     if signed:
         signed = kept.select_columns(list(SIGNED_COLUMNS)).materialize()
     else:

@@ -13,8 +13,12 @@ the manifest can count drops per filter and rule.
 """
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,23 +34,20 @@ _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                      "use of cookies", "use cookies")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-# Whitespace-separated tokens without an ASCII letter (digit): on ASCII text, the words for which
-# ``any(c.isalpha())`` (``any(c.isalnum())``) is false. \s and str.split() agree on whitespace.
-_NO_ALPHA_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z]++(?!\S)")
-_NO_ALNUM_TOKEN = re.compile(r"(?<!\S)[^\sA-Za-z0-9]++(?!\S)")
 _LONG_TOKEN_CACHE: dict[int, re.Pattern] = {}
 
 
 class Document:
     """Views of one text that several filters need, each computed once, on first use."""
 
-    __slots__ = ("text", "_words", "_lines", "_lower")
+    __slots__ = ("text", "_words", "_lines", "_lower", "_counts")
 
     def __init__(self, text: str):
         self.text = text
         self._words: list[str] | None = None
         self._lines: list[str] | None = None
         self._lower: str | None = None
+        self._counts: dict[str, int] | None = None
 
     @property
     def words(self) -> list[str]:
@@ -60,6 +61,14 @@ class Document:
         if self._lines is None:
             self._lines = [line for line in map(str.strip, self.text.split("\n")) if line]
         return self._lines
+
+    @property
+    def word_counts(self) -> dict[str, int]:
+        """Each distinct word with its count, in order of first appearance (word-level rules look at
+        each distinct word once instead of every occurrence)."""
+        if self._counts is None:
+            self._counts = Counter(self.words)
+        return self._counts
 
     @property
     def lower(self) -> str:
@@ -102,6 +111,8 @@ class GopherRepetitionConfig(StrictModel):
     max_dup_para_char_frac: float = 0.2
     top_ngram_max_frac: dict[int, float] = {2: 0.2, 3: 0.18, 4: 0.16}
     dup_ngram_max_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    ignore_symbol_lines: bool = Field(False, description="lines without a letter or digit (a lone '{' or '},' "
+                                                         "of example code) never count as repeated lines")
 
 
 class C4Config(StrictModel):
@@ -169,6 +180,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
                "min_words_per_line": 0, "min_num_sentences": 1},
         "fineweb": {"char_duplicates_ratio": 0.1, "line_punct_thr": 0.0, "new_line_ratio": 0.5},
         "gopher_repetition": {"max_dup_line_char_frac": 0.3, "max_dup_para_char_frac": 0.3,
+                              "ignore_symbol_lines": True,
                               "dup_ngram_max_frac": {5: 0.3, 6: 0.28, 7: 0.26, 8: 0.24, 9: 0.22, 10: 0.2}},
     },
 }
@@ -210,13 +222,13 @@ class _WindowedIdentifier(LanguageIdentifier):
 
     __slots__ = ("_next", "_row_offsets", "_feature", "_depth")
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, depth: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # A view of the library's transition table (no copy: it has ~10M entries).
         self._next = np.frombuffer(self.tk_nextmove, dtype=np.dtype(self.tk_nextmove.typecode))
         self._row_offsets = np.asarray(self._rowbase, dtype=np.int64)
         self._feature = np.asarray(self.tk_output, dtype=np.int64)
-        self._depth = self._trie_depth()
+        self._depth = self._trie_depth() if depth is None else depth
 
     def _trie_depth(self) -> int:
         """Longest shortest path from the root (breadth-first over all 256 bytes per state)."""
@@ -260,9 +272,48 @@ _SELF_CHECK = ("Grüße aus Köln — naïve café. 東京は晴れ。 Прив�
                "the quick brown fox jumps over the lazy dog") * 3
 
 
+def _model_cache_path() -> Path:
+    """Where the decompressed language model is kept between processes: ``GROUNDUP_CACHE_DIR`` or a
+    folder in the temporary directory, one file per py3langid model file (size and time in the name)."""
+    from py3langid.langid import MODEL_DIR
+
+    source = Path(MODEL_DIR) / MODEL_FILE
+    info = source.stat()
+    base = Path(os.environ.get("GROUNDUP_CACHE_DIR") or Path(tempfile.gettempdir()) / "groundup-cache")
+    return base / f"py3langid-{info.st_size}-{int(info.st_mtime)}.npz"
+
+
+def _load_cached_identifier() -> "_WindowedIdentifier":
+    """The identifier from the decompressed model (about 70 MB, written once, atomically); reading it
+    takes a fraction of the second py3langid spends decompressing its LZMA file in every worker
+    process. The arrays are py3langid's own (``modelio.load_model``), as ``from_model_file`` builds
+    them, with the automaton's depth (:meth:`_WindowedIdentifier._trie_depth`)."""
+    from py3langid import modelio
+    from py3langid.langid import MODEL_DIR
+
+    cache = _model_cache_path()
+    if not cache.is_file():
+        ptc, pc, classes, nextmove, row, output = modelio.load_model(Path(MODEL_DIR) / MODEL_FILE)
+        depth = _WindowedIdentifier(np.asarray(ptc), pc, classes, nextmove, output, norm_probs=True, tk_row=row)._depth
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        with open(partial, "wb") as out:
+            np.savez(out, ptc=ptc, pc=pc, classes=np.array(classes), nextmove=np.frombuffer(nextmove, dtype=np.dtype(nextmove.typecode)),
+                     nextmove_row=np.frombuffer(row, dtype=np.dtype(row.typecode)), out_feat=np.array(output, dtype=np.int64), depth=np.array(depth))
+        os.replace(partial, cache)
+    with np.load(cache, allow_pickle=False) as data:
+        return _WindowedIdentifier(np.asarray(data["ptc"]), data["pc"], data["classes"].tolist(),
+                                   modelio._to_array(data["nextmove"]), data["out_feat"].tolist(),
+                                   norm_probs=True, tk_row=modelio._to_array(data["nextmove_row"]),
+                                   depth=int(data["depth"]))
+
+
 @lru_cache(maxsize=1)
 def _language_identifier() -> LanguageIdentifier:
-    identifier = _WindowedIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    try:
+        identifier = _load_cached_identifier()
+    except Exception:  # no writable cache, another py3langid layout: the library's own loading
+        identifier = _WindowedIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     # Guard against a py3langid whose automaton is not what the fast walk assumes: fall back to
     # the library's own walk when they disagree on a mixed-script sample.
     data = identifier._encode(_SELF_CHECK)
@@ -272,25 +323,38 @@ def _language_identifier() -> LanguageIdentifier:
     return identifier
 
 
-LANGUAGE_PREFIX_CHARS = 10_000
-LANGUAGE_QUICK_CHARS = 2_000
-LANGUAGE_QUICK_SCORE = 0.99
+LANGUAGE_SAMPLE_CHARS = 1_000  # per piece: start, middle and end of a long document
+LANGUAGE_WHOLE_CHARS = 4 * LANGUAGE_SAMPLE_CHARS  # shorter documents are identified whole
+
+
+def language_sample(text: str) -> str:
+    """What language identification reads: the whole text when short, else three pieces of about
+    LANGUAGE_SAMPLE_CHARS characters from its start, middle and end (cut at whitespace); with every
+    run of whitespace made one space, so indentation and blank lines do not take the sample's room.
+    A bounded sample, as large pipelines take, keeps the cost of a book the cost of a page; taking it
+    from three places catches a document whose bulk is in another language than its opening."""
+    if len(text) <= LANGUAGE_WHOLE_CHARS:
+        return " ".join(text.split())
+    size = LANGUAGE_SAMPLE_CHARS
+    pieces = []
+    for begin in (0, (len(text) - size) // 2, len(text) - size):
+        piece = text[begin:begin + size]
+        if begin > 0 and not text[begin - 1].isspace():  # drop the first word if cut
+            piece = piece.split(None, 1)[-1] if len(piece.split(None, 1)) > 1 else ""
+        if begin + size < len(text) and not text[begin + size].isspace():  # and the last one
+            piece = piece.rsplit(None, 1)[0] if len(piece.rsplit(None, 1)) > 1 else ""
+        pieces.append(" ".join(piece.split()))
+    return " ".join(p for p in pieces if p)
 
 
 def identify_language(text: str) -> tuple[str, float]:
-    # The first 10k characters decide: enough for a stable answer, bounded cost on huge documents.
-    lang, score = _language_identifier().classify(text[:LANGUAGE_PREFIX_CHARS])
+    """(language, normalised probability) of :func:`language_sample` of ``text``."""
+    lang, score = _language_identifier().classify(language_sample(text))
     return str(lang), float(score)
 
 
 def language_decision(text: str, cfg: LanguageConfig) -> tuple[str | None, str, float]:
-    """(reason to drop or None, language, score) — the score of the prefix that decided."""
-    if len(text) > LANGUAGE_QUICK_CHARS:
-        # Most documents are settled by a short prefix: a kept language at near certainty on the
-        # first 2k characters keeps the document; anything less is decided on the full 10k prefix.
-        lang, score = _language_identifier().classify(text[:LANGUAGE_QUICK_CHARS])
-        if lang in cfg.languages and score >= max(LANGUAGE_QUICK_SCORE, cfg.min_score):
-            return None, str(lang), float(score)
+    """(reason to drop or None, language, score) — the score of the sample that decided."""
     lang, score = identify_language(text)
     if lang not in cfg.languages:
         return f"language:not_{'_'.join(cfg.languages)}", lang, score
@@ -321,16 +385,23 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = N
         return "gopher_quality:too_few_words"
     if n_words > cfg.max_doc_words:
         return "gopher_quality:too_many_words"
-    ascii_text = text.isascii()
-    # Word lengths are measured on words with a letter or digit: lone punctuation is not a word.
-    if ascii_text:  # the same counts with one regex scan instead of a Python loop per word
-        word_chars = sum(map(len, words))
-        not_real = _NO_ALNUM_TOKEN.findall(text)
-        n_real = n_words - len(not_real)
-        real_chars = word_chars - sum(map(len, not_real))
-    else:
-        real = list(filter(_has_alnum, words))
-        n_real, real_chars = len(real), sum(map(len, real))
+    # Every per-word count in one pass over the distinct words: words with a letter or digit (lone
+    # punctuation is not a word for the length rule), words with a letter, stop words.
+    stop = frozenset(cfg.stop_words)
+    n_real = real_chars = alpha = n_stop = 0
+    for word, count in doc.word_counts.items():
+        if word.isalpha():
+            n_real += count
+            real_chars += len(word) * count
+            alpha += count
+        else:
+            if _has_alnum(word):
+                n_real += count
+                real_chars += len(word) * count
+            if _has_alpha(word):
+                alpha += count
+        if word.lower() in stop:
+            n_stop += count
     avg_len = real_chars / max(n_real, 1)
     if avg_len < cfg.min_avg_word_length:
         return "gopher_quality:short_words"
@@ -347,24 +418,20 @@ def gopher_quality(text: str, cfg: GopherQualityConfig, doc: Document | None = N
         ellipsis = sum(1 for line in lines if line.endswith(("...", "…")))
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return "gopher_quality:ellipsis_lines"
-    if ascii_text:
-        alpha = n_words - len(_NO_ALPHA_TOKEN.findall(text))
-    else:
-        alpha = sum(map(_has_alpha, words))
     if alpha / n_words < cfg.min_alpha_words_ratio:
         return "gopher_quality:non_alpha_words"
-    stop = frozenset(cfg.stop_words)
-    if sum(map(stop.__contains__, map(str.lower, words))) < cfg.min_stop_words:
+    if n_stop < cfg.min_stop_words:
         return "gopher_quality:few_stop_words"
     return None
 
 
-def _duplicate_stats(elements: list[str]) -> tuple[int, int]:
-    """(number of elements that repeat an earlier one, characters in them)."""
+def _duplicate_stats(elements: list[str], ignore_symbols: bool = False) -> tuple[int, int]:
+    """(number of elements that repeat an earlier one, characters in them); with ``ignore_symbols``
+    elements without a letter or digit never count as repeats (they still count as elements)."""
     seen: set[str] = set()
     dup_count = dup_chars = 0
     for element in elements:
-        if element in seen:
+        if element in seen and not (ignore_symbols and not _has_alnum(element)):
             dup_count += 1
             dup_chars += len(element)
         else:
@@ -420,15 +487,14 @@ def gopher_repetition(text: str, cfg: GopherRepetitionConfig, doc: Document | No
     if dup_chars / total_chars > cfg.max_dup_para_char_frac:
         return "gopher_repetition:dup_para_char_frac"
     lines = doc.lines
-    dup, dup_chars = _duplicate_stats(lines)
+    dup, dup_chars = _duplicate_stats(lines, cfg.ignore_symbol_lines)
     if lines and dup / len(lines) > cfg.max_dup_line_frac:
         return "gopher_repetition:dup_line_frac"
     if dup_chars / total_chars > cfg.max_dup_line_char_frac:
         return "gopher_repetition:dup_line_char_frac"
     words = doc.words
-    vocabulary: dict[str, int] = {}
-    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in words), dtype=np.uint64,
-                           count=len(words))
+    vocabulary = {word: i for i, word in enumerate(doc.word_counts)}  # ids in order of first appearance
+    word_ids = np.fromiter(map(vocabulary.__getitem__, words), dtype=np.uint64, count=len(words))
     word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     cum_len = np.concatenate([[0], np.cumsum(word_len)])
     word_chars = max(int(cum_len[-1]), 1)
@@ -563,7 +629,7 @@ BOOK_WORDS = 20_000
 SHAPE_CHARS = 20_000
 
 
-def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str:
+def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str, words: list[str] | None = None) -> str:
     """``auto``: the preset that fits a document, from its format and shape.
 
     - code_docs: the built-in corpus (Python's documentation), or text where at least 15% of the lines
@@ -573,6 +639,7 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
       lines, or speaker labels such as ``HAMLET.``);
     (line shapes are read on the first 20,000 characters)
     - web otherwise (the published rules are the default for text of unknown origin).
+    ``words`` is ``text.split()`` when the caller has it already.
     """
     if source == "builtin" or meta.get("kind") in ("docstrings", "pydoc_topic"):
         return "code_docs"
@@ -584,7 +651,7 @@ def choose_preset(text: str, fmt: str, meta: dict[str, Any], source: str) -> str
         code = sum(1 for line in lines if _CODE_LINE.search(line))
         if code / len(lines) >= 0.15:
             return "code_docs"
-    if len(text) >= BOOK_WORDS * 5 and len(text.split()) >= BOOK_WORDS:
+    if len(text) >= BOOK_WORDS * 5 and len(text.split() if words is None else words) >= BOOK_WORDS:
         return "books"
     if len(lines) >= 8:
         short = sum(1 for line in lines if len(line.strip()) <= 60) / len(lines)

@@ -24,17 +24,24 @@ IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 # Any run of hex digits and colons with two colons; ipaddress decides, and at least three groups
 # are required so Python slices such as "a[::2]" are not taken for "::2".
 IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-# +CC and/or (area) then groups: "+1 (555) 123-4567", "555-123-4567", "+44 20 7946 0958".
+# +CC and/or (area) then groups: "+1 (555) 123-4567", "555-123-4567", "+44 20 7946 0958"; +CC then
+# three to six groups of one to four digits: "+33 1 42 68 53 00", "+49 30 1234 5678"; the French
+# national layout of five pairs: "01 42 68 53 00". 8 to 15 digits in all (E.164's longest is 15).
 PHONE = re.compile(
-    r"(?<![\w+])(?<!\d[ .])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|[ .]\d)"
+    r"(?<![\w+])(?<!\d[ .])"
+    r"(?:(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}"
+    r"|\+\d{1,3}(?:[ .-]\d{1,4}){3,6}"
+    r"|0\d(?:[ .-]\d\d){4})"
+    r"(?![\w-]|[ .]\d)"
 )
+PHONE_DIGITS = (8, 15)
 
 # Cheap necessary conditions (no look-behinds, so the regex engine scans fast): when one finds
 # nothing, the full pattern cannot match either and its pass over the text is skipped.
 _MAY_BE_CARD = re.compile(r"\d(?:%s\d){12}" % _CARD_GAP)
 _MAY_BE_IPV4 = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
 _MAY_BE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
-_MAY_BE_PHONE = re.compile(r"\d{3,4}[ .-]\d{3,4}")
+_MAY_BE_PHONE = re.compile(r"\d{3,4}[ .-]\d{3,4}|\d[ .-]\d\d[ .-]\d\d|\+\d")
 
 
 class PIIConfig(StrictModel):
@@ -56,6 +63,10 @@ def luhn_valid(digits: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def _phone_digits_ok(candidate: str) -> bool:
+    return PHONE_DIGITS[0] <= sum(c.isdigit() for c in candidate) <= PHONE_DIGITS[1]
 
 
 def _is_ip(candidate: str) -> bool:
@@ -93,5 +104,5 @@ def redact(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         if _MAY_BE_IPV6.search(text):
             text = IPV6.sub(replace("ip", _is_ip), text)
     if cfg.phone and _MAY_BE_PHONE.search(text):
-        text = PHONE.sub(replace("phone"), text)
+        text = PHONE.sub(replace("phone", _phone_digits_ok), text)
     return text, counts

@@ -285,7 +285,9 @@ def _materialize_with_progress(ds, progress: Progress, expected_blocks: int):
         from ray.data.dataset import MaterializedDataset
     except ImportError:  # another Ray Data layout: no progress, same result
         return ds.materialize()
-    count_bytes = ray.remote(num_cpus=0)(_bytes_in)
+    # A sliver of a CPU, not zero: a zero-CPU task runs beside the busy workers and so makes Ray start
+    # a new worker process (seconds of CPU each); this one waits for a worker between two batches.
+    count_bytes = ray.remote(num_cpus=0.001)(_bytes_in)
     bundles, pending, done = [], [], 0
     for bundle in ds.iter_internal_ref_bundles():
         bundles.append(dataclasses.replace(bundle, owns_blocks=False))  # our list keeps the blocks
@@ -499,8 +501,9 @@ def run(config: Config) -> dict[str, Any]:
             removed, dedup_stats = dedup_dataset(survivors, config.dedup, signed=True)
             progress.update(dedup_stats.get("documents", 0))
         # The per-step timing columns ride along until the one summary pass below has summed them.
-        final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed},
-                                      batch_format="pyarrow").materialize()
+        # Not materialised: marking is cheap, so each pass below (summary, rejects, kept) marks the
+        # processed blocks itself, in its own job, instead of a job of its own writing a copy.
+        final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed}, batch_format="pyarrow")
     phase["dedup"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
