@@ -2,11 +2,15 @@
 ``hf`` model on our exported Hugging Face checkpoint — same task, same machine, same batch size.
 
 Both go through ``lm_eval.simple_evaluate`` on the built-in ``docstring_mc`` task (4 choices per example,
-so 4 log-likelihood requests each); only the model class differs. The model is the chosen preset with
-fresh weights (throughput does not depend on training) and a small tokenizer trained on the built-in
-corpus. Prints one JSON line; ``ratio`` = ours / hf (target >= 1.0).
+so 4 log-likelihood requests each); only the model class differs. Like with like: the same weights in
+float32, the same torch threads, the same batch size, the same tokens (``hf`` without a BOS token, as lm-eval's
+API models and ours score; the per-request log-likelihoods must agree), one warm-up run each, then rounds in
+which the two take turns (a change of load on the machine hits both); the best round of each counts, wall
+clock and CPU time both reported. lm-eval's environment report (it runs ``pip list``) is skipped for both.
+The model is the chosen preset with fresh weights (throughput does not depend on training) and a small
+tokenizer trained on the built-in corpus. Prints one JSON line; ``ratio`` = ours / hf (target >= 1.0).
 
-    python benchmarks/bench_evaluate.py [--preset 10m] [--examples 64] [--batch-size 16] [--rounds 2]
+    python benchmarks/bench_evaluate.py [--preset 10m] [--examples 64] [--batch-size 16] [--rounds 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -27,11 +31,15 @@ def main() -> None:
     parser.add_argument("--preset", default="10m")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="best of this many timed runs per model")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many timed runs per model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from model.checkpoint import save_checkpoint
     from model.config import preset
@@ -65,34 +73,50 @@ def main() -> None:
         include = materialise(task, root / "tasks")
         manager = TaskManager(include_path=include, include_defaults=False)
 
-        def once(make_model) -> tuple[float, dict]:
-            lm = make_model()
-            started = time.perf_counter()
-            output = lm_eval.simple_evaluate(model=lm, tasks=["docstring_mc"], task_manager=manager,
-                                             log_samples=False, bootstrap_iters=0)
-            return time.perf_counter() - started, output["results"]["docstring_mc"]
-
+        import lm_eval.evaluator
         from lm_eval.models.huggingface import HFLM
 
-        makers = {"ours": lambda: lm_class()(scorer=LocalScorer.load("ours", str(checkpoint), str(device),
-                                                                      args.batch_size)),
-                  "hf": lambda: HFLM(pretrained=str(hf_dir), dtype="float32", device=str(device),
-                                     batch_size=args.batch_size)}
-        best = {name: float("inf") for name in makers}
-        results: dict[str, dict] = {}
+        lm_eval.evaluator.get_git_commit_hash = lambda: None  # both: no git, no pip list
+        lm_eval.evaluator.add_env_info = lambda results: None
+
+        models = {"ours": lm_class()(scorer=LocalScorer.load("ours", str(checkpoint), str(device), args.batch_size)),
+                  "hf": HFLM(pretrained=str(hf_dir), dtype="float32", device=str(device), batch_size=args.batch_size,
+                             add_bos_token=False)}
+
+        def once(lm, limit=None) -> tuple[float, float, dict]:
+            started, cpu = time.perf_counter(), time.process_time()
+            output = lm_eval.simple_evaluate(model=lm, tasks=["docstring_mc"], task_manager=manager, limit=limit,
+                                             log_samples=True, bootstrap_iters=0)
+            return time.perf_counter() - started, time.process_time() - cpu, output
+
+        for lm in models.values():  # warm-up: first-call costs (datasets cache, kernels) for neither
+            once(lm, limit=4)
+        best = {name: float("inf") for name in models}
+        best_cpu = {name: float("inf") for name in models}
+        outputs: dict[str, dict] = {}
         for _ in range(args.rounds):  # the two take turns, so a change of load on the machine hits both
-            for name, make in makers.items():
-                seconds, results[name] = once(make)
-                best[name] = min(best[name], seconds)
+            for name, lm in models.items():
+                seconds, cpu, outputs[name] = once(lm)
+                best[name], best_cpu[name] = min(best[name], seconds), min(best_cpu[name], cpu)
+
+        def loglikelihoods(output):
+            samples = sorted(output["samples"]["docstring_mc"], key=lambda s: s["doc_id"])
+            return [r[0] for s in samples for r in s["filtered_resps"]]
+
+        differences = [abs(a - b) for a, b in zip(loglikelihoods(outputs["ours"]), loglikelihoods(outputs["hf"]))]
         n = args.examples
-        ours_rate, ours_s, ours_res = n / best["ours"], best["ours"], results["ours"]
-        hf_rate, hf_s, hf_res = n / best["hf"], best["hf"], results["hf"]
+        ours_rate, ours_s, ours_res = n / best["ours"], best["ours"], outputs["ours"]["results"]["docstring_mc"]
+        hf_rate, hf_s, hf_res = n / best["hf"], best["hf"], outputs["hf"]["results"]["docstring_mc"]
     print(json.dumps({
         "benchmark": "evaluate_multiple_choice", "task": "docstring_mc", "examples": args.examples,
         "requests_per_example": 4, "preset": args.preset, "device": str(device), "batch_size": args.batch_size,
         "ours_examples_per_s": round(ours_rate, 2), "hf_examples_per_s": round(hf_rate, 2),
         "ratio": round(ours_rate / hf_rate, 3), "target": 1.0, "ours_s": round(ours_s, 2), "hf_s": round(hf_s, 2),
-        "ours_acc": ours_res.get("acc,none"), "hf_acc": hf_res.get("acc,none"), "torch_threads": torch.get_num_threads(),
+        "ours_cpu_s": round(best_cpu["ours"], 2), "hf_cpu_s": round(best_cpu["hf"], 2),
+        "cpu_ratio": round(best_cpu["hf"] / best_cpu["ours"], 3), "rounds": args.rounds,
+        "ours_acc": ours_res.get("acc,none"), "hf_acc": hf_res.get("acc,none"),
+        "max_loglikelihood_difference": round(max(differences), 6), "dtype": "float32",
+        "torch_threads": torch.get_num_threads(),
         "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "0.4",
     }))
 

@@ -2,8 +2,12 @@
 
 - :func:`token_logprobs` — differentiable, from logits: what DPO and PPO train on.
 - :func:`sequence_logprobs` — log p(token | prefix) for every token of every sequence, plus the top-n
-  alternatives and whether each token was the greedy choice (no gradient): what evaluation's
-  log-likelihoods, the API's ``echo``/``logprobs`` and lm-evaluation-harness's ``loglikelihood`` need.
+  alternatives and whether each token was the greedy choice (no gradient): what the API's
+  ``echo``/``logprobs`` and evaluation's sliding windows need.
+- :func:`continuation_logprobs` — log p(continuation | context) summed, and whether it was the greedy
+  choice, for (context, continuation) pairs: lm-evaluation-harness's ``loglikelihood``. Pairs that share a
+  context (the choices of a multiple-choice question) run that context once and score each continuation
+  on its keys and values (the KV cache of generation); the others go through :func:`sequence_logprobs`.
 
 Pure PyTorch, no Ray. Works on our ``Transformer`` or anything whose call maps tokens [batch, time]
 to logits [batch, time, vocab] and that exposes the config (``model.config`` or ``model.module.config``).
@@ -74,8 +78,9 @@ def sequence_logprobs(model, sequences: Sequence[Sequence[int]], top_n: int = 0,
             for row, i in enumerate(chunk):
                 tokens[row, :len(sequences[i])] = torch.tensor([int(t) for t in sequences[i]], dtype=torch.long)
             tokens = tokens.to(device)
-            logits = model(tokens).float()[:, :-1]  # position t predicts token t + 1
             targets = tokens[:, 1:]
+            # Position t predicts token t + 1: the last token is never an input (nothing scores what follows it).
+            logits = model(tokens[:, :-1]).float() if width > 1 else torch.zeros(len(chunk), 0, 1, device=device)
             picked = token_logprobs(logits, targets).cpu()
             greedy = (logits.argmax(-1) == targets).cpu()
             if top_n:
@@ -96,3 +101,124 @@ def sequence_logprobs(model, sequences: Sequence[Sequence[int]], top_n: int = 0,
     finally:
         model.train(was_training)
     return results
+
+
+def _model_with_cache(model):
+    """The model itself when it runs on a KV cache (our Transformer), else None."""
+    from model.llama import Transformer
+
+    return model if isinstance(model, Transformer) else None
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          batch_size: int = 16) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the sum of log p(continuation token | everything before
+    it) and whether every continuation token was the greedy choice. Contexts and continuations must be
+    non-empty and fit the model's context together.
+
+    Pairs that share a context run it once: it is prefilled into a KV cache, the cache is copied to one
+    row per continuation and the continuations (less their last token) are scored on top of it, each at
+    its own positions — the same numbers as scoring ``context + continuation`` whole, for a fraction of
+    the work when four choices share a question. Results come back in the caller's order."""
+    config = _config_of(model)
+    for index, (context, continuation) in enumerate(pairs):
+        if not context or not continuation:
+            raise ValueError(f"pair {index}: context and continuation must both be non-empty")
+        if len(context) + len(continuation) > config.max_seq_len:
+            raise ValueError(f"pair {index} has {len(context) + len(continuation)} tokens; "
+                             f"the context holds {config.max_seq_len}")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (context, _) in enumerate(pairs):
+        groups.setdefault(tuple(int(t) for t in context), []).append(index)
+    shared = ([(key, members) for key, members in groups.items() if len(members) > 1]
+              if _model_with_cache(model) is not None else [])
+    on_cache = {i for _, members in shared for i in members}
+    alone = [i for i in range(len(pairs)) if i not in on_cache]
+    results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    if alone:
+        whole = sequence_logprobs(model, [list(pairs[i][0]) + list(pairs[i][1]) for i in alone], batch_size=batch_size)
+        for i, scores in zip(alone, whole):
+            start = len(pairs[i][0])
+            results[i] = (scores.total(start), all(scores.is_greedy[start:]))
+    if shared:
+        was_training = model.training
+        model.eval()
+        try:
+            # Contexts in waves whose keys and values stay bounded (about one batch of full-context rows).
+            shared.sort(key=lambda g: -len(g[0]))
+            budget, wave, held = batch_size * config.max_seq_len, [], 0
+            for group in shared:
+                if wave and held + len(group[0]) > budget:
+                    _score_shared(model, config, wave, pairs, batch_size, results)
+                    wave, held = [], 0
+                wave.append(group)
+                held += len(group[0])
+            if wave:
+                _score_shared(model, config, wave, pairs, batch_size, results)
+        finally:
+            model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _score_shared(model, config, groups, pairs, batch_size: int, results: list) -> None:
+    """Score the continuations of ``groups`` ((context, pair indices), longest context first): each context
+    is prefilled once into a KV cache (in batches, longest first); then the continuations, sorted by length
+    over all the contexts so each batch pads little, run on copies of their contexts' keys and values."""
+    from model.llama import KVCache
+
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    lengths = [len(key) for key, _ in groups]
+    longest = max(lengths)
+    store = KVCache.allocate(config, len(groups), longest, device, dtype)  # every context's keys and values
+    first_logprobs, first_best = [], []
+    for begin in range(0, len(groups), batch_size):
+        part = range(begin, min(begin + batch_size, len(groups)))
+        width = max(lengths[g] for g in part)
+        tokens = torch.zeros(len(part), width, dtype=torch.long)
+        for row, g in enumerate(part):
+            tokens[row, :lengths[g]] = torch.tensor(groups[g][0], dtype=torch.long)
+        tokens = tokens.to(device)
+        view = KVCache([k[part.start:part.stop, :, :width] for k in store.keys],
+                       [v[part.start:part.stop, :, :width] for v in store.values])  # the model writes through
+        positions = torch.arange(width, device=device).expand(len(part), width)
+        logits = model(tokens, positions=positions, cache=view, span=width)
+        last = logits[torch.arange(len(part), device=device),
+                      torch.tensor([lengths[g] - 1 for g in part], device=device)].float()
+        first_logprobs.append(torch.log_softmax(last, dim=-1).cpu())  # each continuation's first token
+        first_best.append(last.argmax(-1).cpu())
+    first_logprobs, first_best = torch.cat(first_logprobs), torch.cat(first_best)
+
+    # Continuations less their first token (scored above) run at positions after their context; a row's
+    # padding sits after its real tokens (clamped to the cache), where no real token can see it.
+    members = sorted(((g, i) for g, (_, indices) in enumerate(groups) for i in indices),
+                     key=lambda m: -len(pairs[m[1]][1]))
+    for begin in range(0, len(members), batch_size):
+        part = members[begin:begin + batch_size]
+        span = max(len(pairs[i][1]) - 1 for _, i in part)
+        scored = torch.zeros(len(part), 0)
+        greedy = torch.zeros(len(part), 0, dtype=torch.bool)
+        if span:
+            cache_len = max(lengths[g] + len(pairs[i][1]) for g, i in part)
+            rows = torch.tensor([g for g, _ in part], device=device)
+            keep = min(longest, cache_len)
+            copy = KVCache.allocate(config, len(part), cache_len, device, dtype)
+            for target, source in zip(copy.keys + copy.values, store.keys + store.values):
+                target[:, :, :keep] = source[rows, :, :keep]
+            inputs = torch.zeros(len(part), span, dtype=torch.long)
+            targets = torch.zeros(len(part), span, dtype=torch.long)
+            for row, (_, i) in enumerate(part):
+                continuation = [int(t) for t in pairs[i][1]]
+                inputs[row, :len(continuation) - 1] = torch.tensor(continuation[:-1], dtype=torch.long)
+                targets[row, :len(continuation) - 1] = torch.tensor(continuation[1:], dtype=torch.long)
+            offsets = torch.tensor([lengths[g] for g, _ in part])[:, None]
+            where = torch.clamp(offsets + torch.arange(span)[None, :], max=cache_len - 1)
+            inputs, targets, where = inputs.to(device), targets.to(device), where.to(device)
+            out = model(inputs, positions=where, cache=copy, span=cache_len).float()
+            scored = token_logprobs(out, targets).cpu()
+            greedy = (out.argmax(-1) == targets).cpu()
+        for row, (g, i) in enumerate(part):
+            head, n = int(pairs[i][1][0]), len(pairs[i][1]) - 1
+            logprob = float(first_logprobs[g, head]) + float(scored[row, :n].double().sum())
+            results[i] = (logprob, int(first_best[g]) == head and bool(greedy[row, :n].all()))

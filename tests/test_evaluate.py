@@ -1,6 +1,7 @@
 """Evaluation (issue 13): `groundup export`, `groundup evaluate` and its parts."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -235,6 +236,81 @@ def test_planted_answer_scores_one_when_trained_and_chance_when_random(planted_m
     assert manifest["figures"]["random"]["planted_colours"]["acc"] <= 0.5  # chance is 0.25 (24 examples)
     results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
     assert results["results"]["planted"]["planted_colours"]["examples"] == len(PLANTED)
+
+
+def test_shared_contexts_score_what_whole_sequences_score():
+    """model.scoring.continuation_logprobs runs a context shared by several continuations once (a KV cache):
+    the same log-likelihoods and greediness as scoring each context + continuation whole, whatever the batch
+    size, with contexts alone or shared, one-token and long continuations, and padding in every batch."""
+    import random
+
+    from model.config import preset
+    from model.llama import Transformer
+    from model.scoring import continuation_logprobs, sequence_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(preset("1m", vocab_size=97, max_seq_len=32)).eval()
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(7):
+        context = [rng.randrange(3, 97) for _ in range(rng.randint(1, 12))]
+        for _ in range(rng.choice([1, 2, 4, 5])):
+            pairs.append((context, [rng.randrange(3, 97) for _ in range(rng.randint(1, 32 - len(context)))]))
+    context = [5, 6, 7]
+    with torch.no_grad():  # greedy continuations: every token the argmax
+        greedy = list(context)
+        for _ in range(6):
+            greedy.append(int(model(torch.tensor([greedy]))[0, -1].argmax()))
+    pairs += [(context, greedy[3:]), (context, greedy[3:5]), (context, greedy[3:4]), ([9] * 31, [7])]
+    rng.shuffle(pairs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+    try:
+        expected = []
+        for context, continuation in pairs:
+            whole = sequence_logprobs(model, [context + continuation])[0]
+            expected.append((whole.total(len(context)), all(whole.is_greedy[len(context):])))
+        assert sum(g for _, g in expected) == 3
+        for batch_size in (1, 3, 16):
+            got = continuation_logprobs(model, pairs, batch_size=batch_size)
+            assert [g for _, g in got] == [g for _, g in expected]
+            assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_our_model_class_scores_what_lm_eval_hf_scores_on_the_same_checkpoint(planted_model, tmp_path):
+    """lm-eval's own `hf` model on our exported checkpoint and our model class give the same log-likelihood
+    and greediness for every request (both without a BOS token), and the same accuracy on a task."""
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from model.checkpoint import load_model, load_tokenizer
+    from model.hf import export_hf
+    from pipelines.evaluate.scorer import LocalScorer
+    from pipelines.evaluate.tasks import OFFLINE_ENV, lm_class
+
+    os.environ.update(OFFLINE_ENV)
+    hf_dir = export_hf(load_model(planted_model), tmp_path / "hf", load_tokenizer(planted_model))
+    questions = [f"The colour of the {thing} is" for thing, _ in PLANTED[:5]]
+    pairs = ([(q, f" {colour}") for q in questions for colour in COLOURS]
+             + [(q, f" {colour} and not {other}") for q in questions[:2] for colour, other in itertools.pairwise(COLOURS)]
+             + [("Trailing space ", "moves."), ("A lone context", " with a longer continuation of its own")])
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    ours_lm = lm_class()(scorer=LocalScorer.load("ours", str(planted_model), "cpu", batch_size=5))
+    hf_lm = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=5, add_bos_token=False)
+    ours, theirs = ours_lm.loglikelihood(requests), hf_lm.loglikelihood(requests, disable_tqdm=True)
+    assert [o[0] for o in ours] == pytest.approx([t[0] for t in theirs], abs=1e-4)
+    assert [o[1] for o in ours] == [t[1] for t in theirs]
+    assert sum(o[1] for o in ours) >= 5  # the planted answers are the greedy continuations
+
+    task = _planted_task(tmp_path)
+    manager = TaskManager(include_path=str(task.parent), include_defaults=False)
+    scores = [lm_eval.simple_evaluate(model=lm, tasks=["planted_colours"], task_manager=manager, bootstrap_iters=0)
+              ["results"]["planted_colours"]["acc,none"] for lm in (ours_lm, hf_lm)]
+    assert scores[0] == scores[1] == 1.0
 
 
 # ---- decontamination --------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ sticky across replicas). Standalone, against any endpoint:
 
     python -m ui.app --api-url http://127.0.0.1:8000/v1 --database sqlite:///prefs.db --port 7860
 
-The rater id comes from the text box at the top, or from ``?rater=alice`` in the address.
+The rater id comes from the text box at the top, or from ``?rater=alice`` in the address. Next round shows
+the comparison queue first (pairs of replies queued by ``groundup evaluate --queue``: nothing to generate),
+in the order queued; pressing Next round without voting skips a queued pair.
 """
 from __future__ import annotations
 
@@ -24,8 +26,21 @@ from fastapi.responses import RedirectResponse
 
 from ui.chat import drop_oldest_turn
 from ui.client import ApiError, Completion, OpenAIClient, Sampling
-from ui.compare import (LETTERS, MAX_ANSWERS, Comparison, ShownAnswer, build_vote, parse_ranking, plan_round,
-                        rater_message, reveal, single_model_notice, stream_answers, verdict_ranking)
+from ui.compare import (
+    LETTERS,
+    MAX_ANSWERS,
+    Comparison,
+    ShownAnswer,
+    build_vote,
+    parse_ranking,
+    plan_round,
+    queued_comparison,
+    rater_message,
+    reveal,
+    single_model_notice,
+    stream_answers,
+    verdict_ranking,
+)
 from ui.prompts import PromptDeck, load_prompt_set
 from ui.ratings import LEADERBOARD_HEADERS, compute_ratings, leaderboard_png, leaderboard_rows
 from ui.store import InvalidVoteError, PreferenceStore
@@ -103,7 +118,10 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         versions = {m.id: m.version for m in models}
         chat_model = gr.update(choices=names, value=names[0] if names else None)
         compare = gr.update(choices=names, value=names)
-        return rater, chat_model, compare, versions, status, single_model_notice(names)
+        waiting = store.queue_waiting()
+        queued = f"{waiting} queued comparison(s) wait for a vote: press Next round." if waiting else ""
+        return rater, chat_model, compare, versions, status, "\n\n".join(
+            n for n in (queued, single_model_notice(names)) if n)
 
     async def chat(message: str, conversation: list[dict[str, str]], model: str | None,
                    temperature: float, top_p: float, top_k: float, max_tokens: float):
@@ -197,7 +215,28 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         async for update in new_round(False, *args):
             yield update
 
-    async def drawn_round(*args):
+    def queued_round(current: Comparison | None, rater: str):
+        """The next queued comparison, if any (an unvoted queued one on screen is skipped first)."""
+        if current is not None and current.queue_entry is not None and current.vote_uid is None:
+            store.skip_queued(current.queue_entry, (rater or "").strip())
+        entry = store.next_queued()
+        if entry is None:
+            return None
+        comparison = queued_comparison(entry)
+        waiting = store.queue_waiting()
+        boxes = [gr.update(value=a.content, label=f"Answer {LETTERS[i]}", visible=True)
+                 for i, a in enumerate(comparison.answers)]
+        boxes += [gr.update(value="", visible=False)] * (MAX_ANSWERS - len(boxes))
+        status = (f"Queued comparison ({waiting} waiting, from `{entry.batch}`): which answer is better? The models "
+                  "are revealed after your vote; Next round skips it.")
+        return (comparison, status, gr.update(value=comparison.messages[-1]["content"]), *boxes,
+                *vote_buttons_on)
+
+    async def drawn_round(current: Comparison | None, rater: str, *args):
+        queued = queued_round(current, rater)
+        if queued is not None:
+            yield queued
+            return
         async for update in new_round(True, *args):
             yield update
 
@@ -205,6 +244,10 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         if comparison is None:
             yield None, "⚠️ nothing to regenerate: start a round first", gr.update(), \
                 *[gr.update()] * MAX_ANSWERS, *vote_buttons_off
+            return
+        if comparison.queue_entry is not None:
+            yield comparison, "⚠️ a queued comparison's answers are fixed: vote, or press Next round to skip it", \
+                gr.update(), *[gr.update()] * MAX_ANSWERS, *[gr.update()] * len(VOTE_IDS)
             return
         planned = [a.model for a in comparison.answers]
         random.shuffle(planned)
@@ -344,12 +387,15 @@ def build_blocks(api_url: str, store: PreferenceStore, api_key: str | None = Non
         vote_controls = [vote_a, vote_b, vote_tie, vote_bad, vote_rank]
         compare_outputs = [comparison, compare_status, prompt, *answers, *vote_controls]
         round_inputs = [prompt, system, compare_models, n_answers, versions, *compare_controls]
-        next_button.click(drawn_round, round_inputs, compare_outputs)
-        generate_button.click(typed_round, round_inputs, compare_outputs)
-        regenerate_button.click(regenerate, [comparison, versions, *compare_controls], compare_outputs)
+        # api_name: the events as an HTTP API too (gradio_client), e.g. /next_round then /vote_a.
+        next_button.click(drawn_round, [comparison, rater, *round_inputs], compare_outputs, api_name="next_round")
+        generate_button.click(typed_round, round_inputs, compare_outputs, api_name="generate")
+        regenerate_button.click(regenerate, [comparison, versions, *compare_controls], compare_outputs,
+                                api_name="regenerate")
         for button, verdict in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "bad")):
-            button.click(vote(verdict), [comparison, rater, flags], compare_outputs)
-        vote_rank.click(vote_ranking, [comparison, rater, flags, ranking_text], compare_outputs)
+            button.click(vote(verdict), [comparison, rater, flags], compare_outputs, api_name=f"vote_{verdict}")
+        vote_rank.click(vote_ranking, [comparison, rater, flags, ranking_text], compare_outputs,
+                        api_name="vote_ranking")
 
         board_outputs = [board_table, board_plot, board_summary]
         refresh_board.click(leaderboard, None, board_outputs)

@@ -3,7 +3,8 @@
 A comparison is one prompt and N anonymous answers, shown as "Answer A", "Answer B", ... in a random
 order. The rater's verdict becomes a :class:`~ui.store.VoteIn`: "A better" is the ranking
 ``[[0], [1]]``, a tie ``[[0, 1]]``, "all bad" the outcome ``not_rankable``; for N > 2 the rater types
-a ranking such as ``B > A = C``.
+a ranking such as ``B > A = C``. A queued comparison (:func:`queued_comparison`) shows two replies
+generated elsewhere (``groundup evaluate --queue``) instead of generating them; its vote names the entry.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import asyncio
 import random
 import re
 import string
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ui.client import ApiError, OpenAIClient, Sampling
-from ui.store import InvalidVoteError, VoteIn, check_ranking
+from ui.store import InvalidVoteError, QueueEntry, VoteIn, check_ranking
 
 MAX_ANSWERS = 4
 LETTERS = string.ascii_uppercase[:MAX_ANSWERS]
@@ -40,6 +41,8 @@ class Comparison:
     presented_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     regenerations: int = 0
     vote_uid: str | None = None  # set once the rater has voted: a comparison takes one vote
+    queue_entry: int | None = None  # a queued comparison: the replies came from the queue, not the models
+    queue_batch: str = ""
 
     @property
     def complete(self) -> bool:
@@ -48,6 +51,15 @@ class Comparison:
     @property
     def failed(self) -> bool:
         return any(a.error for a in self.answers)
+
+
+def queued_comparison(entry: QueueEntry) -> Comparison:
+    """A comparison showing a queue entry's two replies as Answer A and B, as queued (nothing to generate)."""
+    return Comparison(messages=[m.model_dump() for m in entry.messages], queue_entry=entry.id, queue_batch=entry.batch,
+                      answers=[ShownAnswer(model=entry.model_a, version="", sampling=dict(entry.sampling),
+                                           content=entry.reply_a, finish_reason="stop"),
+                               ShownAnswer(model=entry.model_b, version="", sampling=dict(entry.sampling),
+                                           content=entry.reply_b, finish_reason="stop")])
 
 
 def plan_round(models: list[str], n_answers: int, comparisons: dict[str, int], rng: random.Random) -> list[str]:
@@ -143,6 +155,7 @@ def build_vote(comparison: Comparison, rater: str, outcome: str, ranking: list[l
         "ranking": ranking,
         "flags": sorted(set(flags) | set(extra_flags)),
         "presented_at": comparison.presented_at,
+        "queue_entry": comparison.queue_entry,
     })
 
 

@@ -109,6 +109,7 @@ def vote_pairs(vote: VoteRecord) -> list[dict[str, Any]]:
                         "rank_gap": gap,  # 1: adjacent groups; larger: a clearer preference
                         "rater": vote.rater,
                         "created_at": vote.created_at.isoformat(),
+                        "queue_entry": vote.queue_entry,  # a pair queued by groundup evaluate (None: the app's own)
                     })
     return pairs
 
@@ -126,6 +127,7 @@ def _encode(rows: list[dict[str, Any]], fmt: str) -> bytes:
         ("chosen_model", pa.string()), ("chosen_model_version", pa.string()),
         ("rejected_model", pa.string()), ("rejected_model_version", pa.string()),
         ("rank_gap", pa.int32()), ("rater", pa.string()), ("created_at", pa.string()),
+        ("queue_entry", pa.int64()),
     ])
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)

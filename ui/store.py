@@ -6,6 +6,11 @@ outcome: a ranking given as groups of candidate positions, best group first, tie
 (``[[1], [0]]``: the second answer beat the first; ``[[0, 1]]``: a tie). "All bad" is stored as
 ``not_rankable`` with an empty ranking, so it never turns into a preference pair.
 
+The comparison queue: pairs of replies generated elsewhere (``groundup evaluate --queue`` puts its chat
+pairs there), shown in the Compare tab before any generated round, in the order queued, until each has a
+vote or is skipped. A vote on a queued pair is an ordinary vote (same table, same export, same
+leaderboard) that names its queue entry (``queue_entry``).
+
 SQLite is the default (a file per run): WAL mode so the UI can read the leaderboard while a vote is
 written, ``synchronous=FULL`` so a vote acknowledged to the rater survives a crash of the server, and
 one transaction per vote. Any other SQLAlchemy URL (PostgreSQL, MySQL) works the same way.
@@ -13,14 +18,15 @@ one transaction per vote. Any other SQLAlchemy URL (PostgreSQL, MySQL) works the
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import (JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func,
-                        inspect, select, text)
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func,
+                        inspect, select, text, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
@@ -70,6 +76,7 @@ class VoteIn(_Record):
     ranking: list[list[int]] = Field(default_factory=list)
     flags: list[str] = Field(default_factory=list)
     presented_at: datetime | None = None  # when the answers were shown (time-to-vote for rater quality)
+    queue_entry: int | None = None  # the comparison-queue entry voted on (None: a round generated in the app)
 
     @field_validator("rater")
     @classmethod
@@ -159,6 +166,7 @@ class VoteRow(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     ranking: Mapped[list] = mapped_column(JSON)
     flags: Mapped[list] = mapped_column(JSON)
+    queue_entry_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     candidates: Mapped[list["CandidateRow"]] = relationship(
         back_populates="vote", order_by="CandidateRow.position", cascade="all, delete-orphan")
 
@@ -175,6 +183,47 @@ class CandidateRow(Base):
     sampling: Mapped[dict] = mapped_column(JSON)
     finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     vote: Mapped[VoteRow] = relationship(back_populates="candidates")
+
+
+class QueueRow(Base):
+    """One queued comparison: a prompt and two replies, in the order they are shown (A, B)."""
+
+    __tablename__ = "comparison_queue"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # the order served
+    batch: Mapped[str] = mapped_column(String(200), index=True)  # what queued it (one evaluate run)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    messages: Mapped[list] = mapped_column(JSON)
+    model_a: Mapped[str] = mapped_column(String(200))
+    reply_a: Mapped[str] = mapped_column(Text)
+    model_b: Mapped[str] = mapped_column(String(200))
+    reply_b: Mapped[str] = mapped_column(Text)
+    swapped: Mapped[bool] = mapped_column(Boolean)  # A is the pair's second model (sides drawn with ``seed``)
+    seed: Mapped[int] = mapped_column(Integer)
+    sampling: Mapped[dict] = mapped_column(JSON)
+    skipped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    skipped_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class QueuedPair(_Record):
+    """A pair to queue: a prompt, then the two models and their replies (in any order: sides are drawn)."""
+
+    messages: list[Message] = Field(min_length=1)
+    model_a: str = Field(min_length=1)
+    reply_a: str
+    model_b: str = Field(min_length=1)
+    reply_b: str
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueueEntry(QueuedPair):
+    """A stored queue entry: shown as Answer A = ``model_a``/``reply_a``, Answer B = ``model_b``/``reply_b``."""
+
+    id: int
+    batch: str
+    created_at: datetime
+    swapped: bool
+    seed: int
 
 
 # ---- the store -----------------------------------------------------------------------------------------
@@ -237,9 +286,18 @@ class PreferenceStore:
                 Base.metadata.create_all(self.engine)
             elif not inspect(self.engine).has_table(VoteRow.__tablename__):
                 raise DatabaseError(f"database {url}: has no votes table (not a preference store)")
+            self._migrate()
         except SQLAlchemyError as err:
             message = str(getattr(err, "orig", err)).splitlines()[0]
             raise DatabaseError(f"database {url}: cannot open ({message})") from None
+
+    def _migrate(self) -> None:
+        """Bring a store made by an older version up to date (new columns are nullable: old rows stay valid;
+        new tables come from ``create_all``)."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns(VoteRow.__tablename__)}
+        if "queue_entry_id" not in columns:
+            with self.engine.begin() as connection:
+                connection.execute(text("ALTER TABLE votes ADD COLUMN queue_entry_id INTEGER"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -254,10 +312,12 @@ class PreferenceStore:
     def add_vote(self, vote: VoteIn | dict[str, Any]) -> VoteRecord:
         """Validate and store one vote in its own transaction; returns it once committed (durable)."""
         vote = VoteIn.parse(vote)
+        if vote.queue_entry is not None and self.queue_entry(vote.queue_entry) is None:
+            raise InvalidVoteError(f"invalid vote: queue_entry: no queued comparison {vote.queue_entry}")
         row = VoteRow(
             uid=uuid.uuid4().hex, created_at=datetime.now(timezone.utc), presented_at=vote.presented_at,
             rater=vote.rater, messages=[m.model_dump() for m in vote.messages], outcome=vote.outcome,
-            ranking=[list(g) for g in vote.ranking], flags=list(vote.flags),
+            ranking=[list(g) for g in vote.ranking], flags=list(vote.flags), queue_entry_id=vote.queue_entry,
             candidates=[CandidateRow(position=i, model=c.model, model_version=c.model_version,
                                      content=c.content, sampling=_jsonable(c.sampling),
                                      finish_reason=c.finish_reason)
@@ -265,6 +325,58 @@ class PreferenceStore:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             session.add(row)
         return _to_record(row)
+
+    # -- the comparison queue
+    def enqueue(self, pairs: list[QueuedPair | dict[str, Any]], batch: str, seed: int) -> list[QueueEntry]:
+        """Queue pairs (in one transaction), each pair's sides drawn with ``random.Random(seed)`` so position
+        favours neither model; the draw is stored (``swapped``). Served in this order after what is queued."""
+        parsed = []
+        for index, pair in enumerate(pairs):
+            try:
+                parsed.append(pair if isinstance(pair, QueuedPair) else QueuedPair.model_validate(pair))
+            except ValidationError as err:
+                raise InvalidVoteError(_one_line(err).replace("invalid vote", f"invalid queued pair {index}")) from None
+        rng, now = random.Random(seed), datetime.now(timezone.utc)
+        rows = []
+        for pair in parsed:
+            swapped = rng.random() < 0.5
+            (model_a, reply_a), (model_b, reply_b) = ((pair.model_b, pair.reply_b), (pair.model_a, pair.reply_a)) \
+                if swapped else ((pair.model_a, pair.reply_a), (pair.model_b, pair.reply_b))
+            rows.append(QueueRow(batch=batch, created_at=now, messages=[m.model_dump() for m in pair.messages],
+                                 model_a=model_a, reply_a=reply_a, model_b=model_b, reply_b=reply_b, swapped=swapped,
+                                 seed=seed, sampling=_jsonable(pair.sampling)))
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            session.add_all(rows)
+        return [_to_entry(r) for r in rows]
+
+    def _open_entries(self):
+        voted = select(VoteRow.queue_entry_id).where(VoteRow.queue_entry_id.is_not(None))
+        return select(QueueRow).where(QueueRow.skipped_at.is_(None), QueueRow.id.not_in(voted))
+
+    def next_queued(self, exclude: set[int] | frozenset[int] = frozenset()) -> QueueEntry | None:
+        """The first queued comparison (in the order queued) with no vote that nobody skipped."""
+        query = self._open_entries()
+        if exclude:
+            query = query.where(QueueRow.id.not_in(sorted(exclude)))
+        with Session(self.engine) as session:
+            row = session.scalar(query.order_by(QueueRow.id).limit(1))
+            return _to_entry(row) if row is not None else None
+
+    def queue_entry(self, entry_id: int) -> QueueEntry | None:
+        with Session(self.engine) as session:
+            row = session.get(QueueRow, entry_id)
+            return _to_entry(row) if row is not None else None
+
+    def skip_queued(self, entry_id: int, rater: str = "") -> None:
+        """Take an entry off the queue without a vote (a rater pressed Next round instead of voting)."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(QueueRow).where(QueueRow.id == entry_id, QueueRow.skipped_at.is_(None))
+                            .values(skipped_at=datetime.now(timezone.utc), skipped_by=rater or None))
+
+    def queue_waiting(self) -> int:
+        """Queued comparisons still to be shown (no vote, not skipped)."""
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(self._open_entries().subquery())) or 0
 
     # -- reading
     def count(self) -> int:
@@ -320,9 +432,16 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
+def _to_entry(row: QueueRow) -> QueueEntry:
+    return QueueEntry(id=row.id, batch=row.batch, created_at=_utc(row.created_at), messages=row.messages,
+                      model_a=row.model_a, reply_a=row.reply_a, model_b=row.model_b, reply_b=row.reply_b,
+                      swapped=row.swapped, seed=row.seed, sampling=row.sampling)
+
+
 def _to_record(row: VoteRow) -> VoteRecord:
     return VoteRecord(
         id=row.id, uid=row.uid, created_at=_utc(row.created_at), presented_at=_utc(row.presented_at),
         rater=row.rater, messages=row.messages, outcome=row.outcome, ranking=row.ranking, flags=row.flags,
+        queue_entry=row.queue_entry_id,
         candidates=[Candidate(model=c.model, model_version=c.model_version, content=c.content,
                               sampling=c.sampling, finish_reason=c.finish_reason) for c in row.candidates])

@@ -125,13 +125,12 @@ class LocalScorer(Scorer):
         return cls(name, model, tokenizer, batch_size)
 
     def score(self, spans):
-        from model.scoring import sequence_logprobs
+        # Spans that share a prefix (a question's choices) run it once: model.scoring.continuation_logprobs.
+        from model.scoring import continuation_logprobs
 
-        results = sequence_logprobs(self.model, [ids for ids, _ in spans], batch_size=self.batch_size)
-        out = []
-        for (ids, start), scored in zip(spans, results):
-            out.append(SpanScore(scored.total(start), all(scored.is_greedy[start:]), len(ids) - start))
-        return out
+        results = continuation_logprobs(self.model, [(ids[:start], ids[start:]) for ids, start in spans],
+                                        batch_size=self.batch_size)
+        return [SpanScore(logprob, greedy, len(ids) - start) for (ids, start), (logprob, greedy) in zip(spans, results)]
 
     def generate(self, prompts, max_new_tokens, stop=()):
         from model.generate import SamplingParams, generate

@@ -88,6 +88,11 @@ class Config(StageConfig):
     gpus_per_task: float | None = Field(None, ge=0, description="GPUs each Ray task reserves (default: 1 when "
                                         "the cluster has GPUs)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started by this stage (default: all)")
+    queue: bool = Field(False, description="queue the chat pairs in the rating app's comparison queue (human "
+                        "evaluation; votes go with the others)")
+    database_url: str | None = Field(None, description="the rating app's preference store to queue into (SQLAlchemy "
+                                     "URL or SQLite file; default: <run>/ui/preferences.db, as groundup serve's); "
+                                     "implies queue")
 
     @field_validator("tasks", "stages", "include_path", mode="before")
     @classmethod
@@ -110,6 +115,10 @@ CLI_FLAGS = (
     Flag(("--limit",), "limit", "examples per lm-eval task", {"type": int}),
     Flag(("--seed",), "seed", "seed for built-in tasks and lm-eval", {"type": int}),
     Flag(("--in-process",), "in_process", "run here without Ray", {"action": "store_const", "const": True}),
+    Flag(("--queue",), "queue", "queue the chat pairs for people to judge in the rating app (Compare tab)",
+         {"action": "store_const", "const": True}),
+    Flag(("--database-url",), "database_url", "the rating app's preference store to queue into "
+         "(default: <run>/ui/preferences.db)"),
 )
 
 
@@ -450,6 +459,42 @@ def _clean_scores(results: dict[str, dict[str, Any]], dirty: dict[str, dict]) ->
                 entry["metrics"][f"{metric}_clean"] = {"value": mean, "stderr": math.sqrt(var / len(clean))}
 
 
+def queue_database(config: Config, run: RunDir, baseline: str | None) -> str | None:
+    """The preference store the chat pairs are queued into (checked, and created, before any work), or None."""
+    if not (config.queue or config.database_url):
+        return None
+    if baseline is None:
+        raise ConfigError("config field 'queue': queues the chat pairs, but the chat task is not among the tasks "
+                          "(add --tasks chat)")
+    url = config.database_url
+    if url is None:
+        if not is_local(run.uri):
+            raise ConfigError(f"config field 'database_url': required to queue when the run directory is not local "
+                              f"({run.uri})")
+        url = str(run.local_path("ui", "preferences.db"))
+    from ui.store import DatabaseError, PreferenceStore
+
+    try:
+        PreferenceStore(url).close()
+    except DatabaseError as err:
+        raise ConfigError(f"config field 'database_url': {err}") from None
+    return url
+
+
+def queue_pairs(url: str, pairs: list[dict[str, Any]], batch: str, seed: int, max_tokens: int) -> dict[str, Any]:
+    """Queue the chat pairs for the rating app (sides drawn with ``seed``); what the manifest records."""
+    from ui.store import PreferenceStore
+
+    queued = [{"messages": p["prompt"], "model_a": p["model_a"], "reply_a": p["answer_a"], "model_b": p["model_b"],
+               "reply_b": p["answer_b"], "sampling": {"temperature": 0.0, "max_tokens": max_tokens}} for p in pairs]
+    with PreferenceStore(url) as store:
+        entries = store.enqueue(queued, batch=batch, seed=seed)
+    print(f"evaluate: queued {len(entries)} chat pair(s) for people to judge in the rating app's Compare tab "
+          f"({url}, batch {batch!r})", flush=True)
+    return {"database": url, "batch": batch, "entries": len(entries), "seed": seed,
+            "swapped": sum(e.swapped for e in entries)}
+
+
 def run(config: Config) -> dict[str, Any]:
     started = time.time()
     run_dir = RunDir(config.run)
@@ -465,6 +510,7 @@ def run(config: Config) -> dict[str, Any]:
         if baseline not in [m.name for m in models]:
             raise ConfigError(f"config field 'chat_baseline': no model {baseline!r} (models: "
                               f"{', '.join(m.name for m in models)})")
+    queue_url = queue_database(config, run_dir, baseline)
     tasks = build_tasks(config, data, tasks)
     print(f"evaluate: {len(models)} model(s): {', '.join(m.name for m in models)}; {len(tasks)} task(s): "
           f"{', '.join(t.name for t in tasks)}", flush=True)
@@ -502,12 +548,16 @@ def run(config: Config) -> dict[str, Any]:
         if pairs:  # the same pairs for people: a prompt set for `groundup serve --prompts` and the answers
             run_dir.write_text(f"{STAGE}/chat_questions.txt", "\n".join(settings["chat_questions"]) + "\n")
             run_dir.write_text(f"{STAGE}/chat_pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-    return finish(config, run_dir, models, tasks, results, dirty, started, evaluate_seconds)
+    queued = None
+    if queue_url and pairs:
+        batch = f"evaluate {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(started))} {run_dir.uri}"
+        queued = queue_pairs(queue_url, pairs, batch, config.seed, config.chat_max_tokens)
+    return finish(config, run_dir, models, tasks, results, dirty, started, evaluate_seconds, queued)
 
 
 def finish(config: Config, run_dir: RunDir, models: list[ModelSpec], tasks: list[TaskSpec],
            results: dict[str, dict[str, Any]], dirty: dict[str, dict], started: float,
-           evaluate_seconds: float) -> dict[str, Any]:
+           evaluate_seconds: float, queued: dict[str, Any] | None = None) -> dict[str, Any]:
     from pipelines.evaluate.report import comparison_png, markdown
     from pipelines.evaluate.tasks import materialise
 
@@ -545,6 +595,7 @@ def finish(config: Config, run_dir: RunDir, models: list[ModelSpec], tasks: list
         "counts": {"models": len(models), "tasks": len(tasks), "units": len(models) * len(tasks),
                    "failed": len(failures)},
         "figures": figures,
+        **({"queue": queued} if queued else {}),
     }
     from pipelines.rundir import new_manifest
 

@@ -377,8 +377,10 @@ def run_lm_eval(scorer, task: TaskSpec, limit: int | None, num_fewshot: int | No
         import lm_eval.evaluator
         from lm_eval.tasks import TaskManager
 
-        # lm-eval asks git for the current commit, printing "fatal: not a git repository" outside one.
+        # lm-eval asks git for the current commit, printing "fatal: not a git repository" outside one, and
+        # collects an environment report (pip list, a second or more per task): neither is used here.
         lm_eval.evaluator.get_git_commit_hash = lambda: None
+        lm_eval.evaluator.add_env_info = lambda results: None
 
         model = lm_class()(scorer=scorer)
         manager = TaskManager(include_path=include, include_defaults=False)
