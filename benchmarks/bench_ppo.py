@@ -20,8 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 
 def engine_tokens_per_s(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, temperature: float,
                         seed: int) -> float:
@@ -49,7 +47,7 @@ def engine_tokens_per_s(model_dir: Path, prompts: list[list[dict]], max_new_toke
         return tokens[0] / (time.perf_counter() - started)
 
     one_pass(10_000)  # warm-up
-    return max(one_pass(0), one_pass(1000))
+    return sum(one_pass(1000 * k) for k in range(3)) / 3  # the mean, as the rollout figure is a mean
 
 
 def main() -> None:
@@ -59,6 +57,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--reward-model", action="store_true", help="GAE against <run>/reward/model")
+    parser.add_argument("overrides", nargs="*", help="stage config overrides, e.g. kl.coef=0.1")
     args = parser.parse_args()
     run = Path(args.run)
 
@@ -69,7 +68,7 @@ def main() -> None:
     from pipelines.train.metrics import read_metrics
 
     common = [f"run={run}", f"train.length.steps={args.iterations}", f"train.eval.every_steps={args.iterations}",
-              f"algo.prompts_per_iteration={args.prompts}", f"rollout.max_new_tokens={args.max_new_tokens}"]
+              f"algo.prompts_per_iteration={args.prompts}", f"rollout.max_new_tokens={args.max_new_tokens}", *args.overrides]
     if args.reward_model:
         config = build_config(ppo.Config, overrides=[*common, "train.eval.max_rows=128", "train.optimizer.lr=1e-4",
                                                      "kl.coef=0.05", "rollout.temperature=0.7"])
@@ -85,12 +84,17 @@ def main() -> None:
     replies = config.algo.prompts_per_iteration * config.algo.group_size  # one worker samples them all
     prompts = [p["prompt"] for p in builtin_prompts("train")[:config.algo.prompts_per_iteration]
                for _ in range(config.algo.group_size)]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine_tps = engine_tokens_per_s(run / "sft" / "model", prompts, args.max_new_tokens,
-                                     config.rollout.temperature, 0)
+    # Like with like: the engine runs in a Ray task holding a PPO worker's CPUs (so the same thread count
+    # and environment as the worker's rollouts, and as a serving replica), right after the PPO run.
+    import ray
+
+    cpus = config.train.cpus_per_worker
+    measure = ray.remote(num_cpus=cpus)(engine_tokens_per_s)
+    engine_tps = ray.get(measure.remote(run / "sft" / "model", prompts, args.max_new_tokens,
+                                        config.rollout.temperature, 0))
     f = manifest["figures"]
     print(json.dumps({
-        "iterations": len(train), "prompts_per_iteration": config.algo.prompts_per_iteration,
+        "iterations": len(train), "cpus_per_worker": config.train.cpus_per_worker, "prompts_per_iteration": config.algo.prompts_per_iteration,
         "replies_per_iteration": replies, "estimator": config.algo.estimator,
         "rule_score_before": f.get("start_val_rule_score"), "rule_score_after": f.get("val_rule_score"),
         "rule_score_relative_gain": round(f["val_rule_score"] / f["start_val_rule_score"] - 1, 3)
