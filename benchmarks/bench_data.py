@@ -105,31 +105,63 @@ def real_corpus(directory: Path, min_mb: float = 10.0) -> Path:
     return texts
 
 
-def cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and every process below it (Ray's workers when
-    this process started Ray): on a shared, overloaded machine this measures the work itself."""
-    import psutil
+class CpuMeter:
+    """CPU seconds (user + system) of this process and every process below it (Ray's workers and
+    actors when this process started Ray), sampled every ``interval`` seconds in a thread so that
+    processes which exit during the run (idle Ray workers are reaped) still count with their last
+    sample: on a shared, overloaded machine this measures the work itself, not the wait."""
 
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval = interval
+        self.last: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds
+        self.start_values: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    self.last[(proc.pid, proc.create_time())] = times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "CpuMeter":
+        self._sample()
+        self.start_values = dict(self.last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(value - self.start_values.get(key, 0.0) for key, value in self.last.items())
 
 
 def run_stage(inputs: list[str], run: str, overrides: list[str]) -> tuple[dict, float, float]:
     from pipelines.data.stage import Config, run as run_data
 
     config = build_config(Config, values={"inputs": inputs, "run": run}, overrides=overrides)
-    cpu = cpu_seconds()
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        manifest = run_data(config)
-    return manifest, time.perf_counter() - started, cpu_seconds() - cpu
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            manifest = run_data(config)
+        wall = time.perf_counter() - started
+    return manifest, wall, cpu.seconds
 
 
 def stage_figures(manifest: dict, wall: float, cores: int, cpu_s: float | None = None) -> dict:

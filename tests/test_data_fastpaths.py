@@ -47,6 +47,13 @@ def test_ftfy_pattern_can_be_searched_near_non_ascii_characters():
     assert badness_needs_non_ascii(BADNESS_RE) and _ftfy_checks()[4]
     import re
 
+    from pipelines.data.clean import badness_anchor_chars
+
+    anchors = badness_anchor_chars(BADNESS_RE)
+    assert ord("\u00c3") in anchors and not {ord(c) for c in "\u2019\u2014\u2013\u2026"} & anchors
+    # one character each alternative must hold is enough: "é" for the first, the class for the second
+    assert badness_anchor_chars(re.compile("x\u00e9\u00e8|[\u00c0-\u00c2]y")) == {0xE9, 0xC0, 0xC1, 0xC2}
+
     assert not badness_needs_non_ascii(re.compile("ab$|\u00e9"))    # an anchor other than "^"
     assert not badness_needs_non_ascii(re.compile("x\u00e9|ab"))    # an ASCII-only alternative
     assert not badness_needs_non_ascii(re.compile("\u00e9" + "x" * 8))  # wider than the context searched

@@ -43,10 +43,9 @@ def extract_main_text(html: str, include_tables: bool = True) -> str | None:
                                favor_precision=True, deduplicate=False)
 
 
-# Every alternative of ftfy's BADNESS_RE needs a non-ASCII character and spans at most 7 characters
-# (checked on the installed ftfy by badness_needs_non_ascii): a match lies within 6 characters of a
-# non-ASCII one. Runs of non-ASCII characters less than 16 apart are searched together.
-_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f](?:[\x00-\x7f]{0,16}+[^\x00-\x7f])*+")
+# Every alternative of ftfy's BADNESS_RE needs a non-ASCII character (of a known set) and spans at
+# most 7 characters (checked on the installed ftfy by badness_anchor_chars): a match lies within 6
+# characters of one of those.
 BADNESS_CONTEXT = 8
 
 
@@ -55,18 +54,34 @@ def badness_needs_non_ascii(pattern: re.Pattern) -> bool:
     most BADNESS_CONTEXT - 1 characters, and its only anchor or assertion is "^" (true of ftfy 6):
     then a match lies near a non-ASCII character and only those places need searching, and "^" with
     MULTILINE finds in a whole text what the pattern finds in any of its lines."""
+    return badness_anchor_chars(pattern) is not None
+
+
+def badness_anchor_chars(pattern: re.Pattern) -> frozenset[int] | None:
+    """Code points of which every match of ftfy's mojibake pattern holds at least one (for each
+    alternative, the smallest set of non-ASCII characters it must contain), or None when the
+    pattern is not of the shape :func:`badness_needs_non_ascii` describes. Common non-ASCII
+    characters of English text (’ — – … ·) are not among them."""
     try:
         from re import _constants as C, _parser as parser  # Python 3.11+
     except ImportError:  # pragma: no cover
         import sre_constants as C  # type: ignore[no-redef]
         import sre_parse as parser  # type: ignore[no-redef]
 
-    def non_ascii(op: Any, av: Any) -> bool:
+    def non_ascii(op: Any, av: Any) -> set[int] | None:
         if op is C.LITERAL:
-            return av >= 128
+            return {av} if av >= 128 else None
         if op is C.IN:
-            return all((o is C.LITERAL and a >= 128) or (o is C.RANGE and a[0] >= 128) for o, a in av)
-        return False
+            codes: set[int] = set()
+            for o, a in av:
+                if o is C.LITERAL and a >= 128:
+                    codes.add(a)
+                elif o is C.RANGE and a[0] >= 128:
+                    codes.update(range(a[0], a[1] + 1))
+                else:
+                    return None
+            return codes
+        return None
 
     def anchors_only_at_line_start(items: Any) -> bool:
         for op, av in items:
@@ -81,17 +96,24 @@ def badness_needs_non_ascii(pattern: re.Pattern) -> bool:
 
     parsed = parser.parse(pattern.pattern, pattern.flags)
     if parsed.getwidth()[1] >= BADNESS_CONTEXT or not anchors_only_at_line_start(parsed):
-        return False
+        return None
     single = parsed.data[0] if len(parsed.data) == 1 else (None, None)
     alternatives = single[1][1] if single[0] is C.BRANCH else [parsed]
-    return all(any(non_ascii(o, a) for o, a in alternative) for alternative in alternatives)
+    anchors: set[int] = set()
+    for alternative in alternatives:
+        needed = [codes for codes in (non_ascii(o, a) for o, a in alternative) if codes]
+        if not needed:
+            return None
+        anchors |= min(needed, key=len)
+    return frozenset(anchors)
 
 
 @lru_cache(maxsize=1)
-def _ftfy_checks() -> tuple[Any, re.Pattern, re.Pattern, re.Pattern, bool]:
+def _ftfy_checks() -> tuple[Any, re.Pattern, re.Pattern, re.Pattern, bool, re.Pattern | None]:
     """(ftfy's fixer config, its characters that some fixer other than fix_encoding, uncurl_quotes and
     unescape_html changes, its HTML entity pattern, its mojibake pattern with ``^`` at every line
-    start, whether the checks hold for this ftfy: :func:`badness_needs_non_ascii`), built from ftfy's
+    start, whether the checks hold for this ftfy: :func:`badness_needs_non_ascii`, runs of the
+    characters every mojibake match holds: :func:`badness_anchor_chars`), built from ftfy's
     own tables so they follow the installed ftfy; when they do not hold, ftfy runs on every line
     that is not plain ASCII."""
     import ftfy
@@ -107,7 +129,12 @@ def _ftfy_checks() -> tuple[Any, re.Pattern, re.Pattern, re.Pattern, bool]:
     # search over a whole text finds a match whenever ftfy's search over any of its lines would.
     bad_lines = re.compile(BADNESS_RE.pattern, BADNESS_RE.flags | re.MULTILINE)
     config = ftfy.TextFixerConfig(explain=False, normalization=None)
-    return config, re.compile(trigger), chardata.HTML_ENTITY_RE, bad_lines, badness_needs_non_ascii(BADNESS_RE)
+    anchors = badness_anchor_chars(BADNESS_RE)
+    runs = None
+    if anchors:  # runs of those characters less than 16 characters apart, searched together
+        inside = "".join(re.escape(chr(c)) for c in sorted(anchors))
+        runs = re.compile(f"[{inside}](?:[^{inside}]{{0,16}}+[{inside}])*+")
+    return config, re.compile(trigger), chardata.HTML_ENTITY_RE, bad_lines, anchors is not None, runs
 
 
 def _ftfy_unchanged_or_uncurled(text: str, unescape: bool) -> str | None:
@@ -118,7 +145,7 @@ def _ftfy_unchanged_or_uncurled(text: str, unescape: bool) -> str | None:
     text: the text itself when it has no curly quotes."""
     from ftfy.fixes import uncurl_quotes
 
-    _, trigger, entity, _, _ = _ftfy_checks()
+    _, trigger, entity, _, _, _ = _ftfy_checks()
     if trigger.search(text) or (unescape and entity.search(text)) or _may_be_bad(text):
         return None
     uncurled = uncurl_quotes(text)
@@ -129,9 +156,9 @@ def _ftfy_unchanged_or_uncurled(text: str, unescape: bool) -> str | None:
 
 def _may_be_bad(text: str) -> bool:
     """True when ftfy's ``is_bad`` is true on some line of ``text`` (perhaps also in a few other
-    cases): its pattern searched only around the non-ASCII characters, where a match can be."""
-    bad = _ftfy_checks()[3]
-    for run in _NON_ASCII_RUN.finditer(text):
+    cases): its pattern searched only around the characters every match holds."""
+    bad, runs = _ftfy_checks()[3], _ftfy_checks()[5]
+    for run in runs.finditer(text):
         if bad.search(text, max(run.start() - BADNESS_CONTEXT, 0), run.end() + BADNESS_CONTEXT):
             return True
     return False
