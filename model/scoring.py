@@ -145,15 +145,15 @@ def continuation_logprobs(model, pairs: Sequence[tuple[Sequence[int], Sequence[i
         was_training = model.training
         model.eval()
         try:
-            # Contexts in waves whose keys and values stay bounded (about one batch of full-context rows).
+            # Contexts in waves whose keys and values stay bounded (one batch of full-context rows): longest
+            # first, so a wave's first context sets the width of its rows.
             shared.sort(key=lambda g: -len(g[0]))
-            budget, wave, held = batch_size * config.max_seq_len, [], 0
+            budget, wave = batch_size * config.max_seq_len, []
             for group in shared:
-                if wave and held + len(group[0]) > budget:
+                if wave and (len(wave) + 1) * len(wave[0][0]) > budget:
                     _score_shared(model, config, wave, pairs, batch_size, results)
-                    wave, held = [], 0
+                    wave = []
                 wave.append(group)
-                held += len(group[0])
             if wave:
                 _score_shared(model, config, wave, pairs, batch_size, results)
         finally:
@@ -172,7 +172,7 @@ def _score_shared(model, config, groups, pairs, batch_size: int, results: list) 
     lengths = [len(key) for key, _ in groups]
     longest = max(lengths)
     store = KVCache.allocate(config, len(groups), longest, device, dtype)  # every context's keys and values
-    first_logprobs, first_best = [], []
+    first: dict[int, tuple[float, bool]] = {}  # pair index -> its first token's log p and greediness
     for begin in range(0, len(groups), batch_size):
         part = range(begin, min(begin + batch_size, len(groups)))
         width = max(lengths[g] for g in part)
@@ -186,9 +186,13 @@ def _score_shared(model, config, groups, pairs, batch_size: int, results: list) 
         logits = model(tokens, positions=positions, cache=view, span=width)
         last = logits[torch.arange(len(part), device=device),
                       torch.tensor([lengths[g] - 1 for g in part], device=device)].float()
-        first_logprobs.append(torch.log_softmax(last, dim=-1).cpu())  # each continuation's first token
-        first_best.append(last.argmax(-1).cpu())
-    first_logprobs, first_best = torch.cat(first_logprobs), torch.cat(first_best)
+        normaliser, best = torch.logsumexp(last, dim=-1).cpu(), last.argmax(-1).cpu()
+        for row, g in enumerate(part):  # each continuation's first token, predicted by its context's last position
+            members = groups[g][1]
+            heads = [int(pairs[i][1][0]) for i in members]
+            values = (last[row, torch.tensor(heads, device=device)].cpu() - normaliser[row]).tolist()
+            for i, head, value in zip(members, heads, values):
+                first[i] = (value, int(best[row]) == head)
 
     # Continuations less their first token (scored above) run at positions after their context; a row's
     # padding sits after its real tokens (clamped to the cache), where no real token can see it.
@@ -218,7 +222,7 @@ def _score_shared(model, config, groups, pairs, batch_size: int, results: list) 
             out = model(inputs, positions=where, cache=copy, span=cache_len).float()
             scored = token_logprobs(out, targets).cpu()
             greedy = (out.argmax(-1) == targets).cpu()
-        for row, (g, i) in enumerate(part):
-            head, n = int(pairs[i][1][0]), len(pairs[i][1]) - 1
-            logprob = float(first_logprobs[g, head]) + float(scored[row, :n].double().sum())
-            results[i] = (logprob, int(first_best[g]) == head and bool(greedy[row, :n].all()))
+        for row, (_, i) in enumerate(part):
+            n = len(pairs[i][1]) - 1
+            value, is_greedy = first[i]
+            results[i] = (value + float(scored[row, :n].double().sum()), is_greedy and bool(greedy[row, :n].all()))

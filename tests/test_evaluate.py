@@ -399,6 +399,19 @@ def test_endpoint_and_lm_eval_local_completions_match_in_process_scores(serving_
 
 
 # ---- safety probes ------------------------------------------------------------------------------------
+def test_queue_errors_are_one_line_before_any_work(serving_checkpoint, tmp_path):
+    """--queue / --database-url: a store that cannot be opened, or no chat task to queue, is one line (exit 2)."""
+    (tmp_path / "notes.db").write_text("not a database, just text\n" * 100)
+    common = ("evaluate", "--run", str(tmp_path / "run"), "--model", f"m={serving_checkpoint}")
+    for args, needles in (
+        (("--tasks", "chat", "--database-url", str(tmp_path)), ("database_url", str(tmp_path), "cannot open")),
+        (("--tasks", "chat", "--database-url", str(tmp_path / "notes.db")), ("database_url", "notes.db")),
+        (("--tasks", "docstring_mc", "--queue"), ("'queue'", "--tasks chat")),
+    ):
+        one_error_line(groundup(*common, *args), *needles)
+    assert not (tmp_path / "run" / "evaluate").exists()
+
+
 def test_safety_probe_checks():
     from pipelines.evaluate.probes import SAFETY_PROMPTS, pii_found, refuses
 
@@ -421,8 +434,8 @@ def test_chat_win_rates_against_a_baseline_with_bootstrap_intervals(planted_mode
                                tmp_path / "reward", builtin_tokenizer)
     config = evaluate_config(tmp_path / "run", f"models=[base={serving_checkpoint},other={planted_model}]",
                              "tasks=[chat]", "chat_questions=6", "chat_max_tokens=6", f"reward_model={reward}",
-                             "chat_baseline=base", "in_process=true")
-    run(config)
+                             "chat_baseline=base", "in_process=true", "queue=true")
+    manifest = run(config)
     out = tmp_path / "run" / "evaluate"
     results = json.loads((out / "results.json").read_text())
     other = results["results"]["other"]["chat"]["metrics"]
@@ -435,3 +448,16 @@ def test_chat_win_rates_against_a_baseline_with_bootstrap_intervals(planted_mode
     assert len(pairs) == 6 and {p["model_a"] for p in pairs} == {"other"} and pairs[0]["prompt"][0]["role"] == "user"
     assert len((out / "chat_questions.txt").read_text().splitlines()) == 6
     assert "win_rate_reward" in (out / "report.md").read_text()
+
+    # The same pairs queued for people in the run's preference store (where groundup serve's app keeps votes).
+    from ui.store import PreferenceStore
+
+    with PreferenceStore(str(tmp_path / "run" / "ui" / "preferences.db"), create=False) as store:
+        assert store.queue_waiting() == 6
+        entries = [store.queue_entry(i) for i in range(1, 7)]
+    for pair, entry in zip(pairs, entries):
+        assert entry.messages[0].content == pair["prompt"][0]["content"]
+        shown = {entry.model_a: entry.reply_a, entry.model_b: entry.reply_b}
+        assert shown == {"other": pair["answer_a"], "base": pair["answer_b"]}
+        assert (entry.model_a == "base") == entry.swapped and entry.sampling["max_tokens"] == 6
+    assert manifest["queue"]["entries"] == 6 and manifest["queue"]["swapped"] == sum(e.swapped for e in entries)
