@@ -256,11 +256,13 @@ def test_reward_zero3_matches_zero0(reward_run, tmp_path):
 
 
 # ---- DPO --------------------------------------------------------------------------------------------
-def test_dpo_raises_the_held_out_margin(sft_run):
+def test_dpo_under_zero3_raises_the_held_out_margin(sft_run):
+    """ZeRO-3: the policy and the frozen reference are both sharded DeepSpeed engines (the reference came
+    back as None before: DeepSpeedEngine.eval() returns None), and DPO still learns."""
     from pipelines import dpo
 
     run, _ = sft_run
-    manifest = dpo.run(_build(dpo, run, "train.num_workers=2", "train.length.steps=30",
+    manifest = dpo.run(_build(dpo, run, "train.num_workers=2", "train.zero.stage=3", "train.length.steps=30",
                               "train.batch.micro_batch_size=8", "train.batch.global_batch_sequences=32",
                               "train.optimizer.lr=1e-3", "train.eval.every_steps=30", "train.eval.max_rows=200",
                               "train.precision.dtype=fp32", "beta=0.1"))

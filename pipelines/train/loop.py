@@ -137,7 +137,8 @@ def _frozen_engine(model: Any, spec: LoopSpec, device: torch.device):
                   if key in spec.deepspeed}
         config["zero_optimization"] = {"stage": 3}
         engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, unlike Module.eval()
+        return engine
     return model.to(device=device, dtype=dtype).eval()
 
 
