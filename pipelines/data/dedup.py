@@ -315,7 +315,6 @@ def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig, kept=None) -
         dup_groups = sorted(sorted(ids) for ids in members.values() if len(ids) > 1)
     exact_removed = {d for g in dup_groups for d in g if d != min(g)}
     edges: list[tuple[str, str]] = []
-    candidate_pairs = 0
     if cfg.near:
         buckets: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
@@ -330,16 +329,7 @@ def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig, kept=None) -
                                           [np.frombuffer(rows[i]["signature"], dtype=np.uint32) for i in members_at],
                                           cfg))
         edges = sorted(found)
-        candidate_pairs = len(edges)
-        if cfg.verify == "exact" and edges:
-            involved = {x for e in edges for x in e}
-            texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
-                lambda r: r["id"] in involved).take_all()}
-            edges = filter_edges_exact(edges, texts, cfg)
-    removed = resolve_duplicates(dup_groups, edges)
-    stats = {"documents": len(rows), "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
-             "verified_pairs": len(edges), "cpu_seconds_signatures": round(seconds, 3)}
-    return removed, stats
+    return _resolve(kept, dup_groups, edges, len(rows), seconds, cfg)
 
 
 def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
@@ -379,19 +369,24 @@ def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[st
         seconds = float(signed.sum("t_dedup") or 0.0)
     exact_removed = {d for g in dup_groups for d in g if d != min(g)}
     edges: list[tuple[str, str]] = []
-    candidate_pairs = 0
     if cfg.near:
         bands = signed.select_columns(["id", "signature", "band_keys"]).map_batches(
             _explode_bands, fn_kwargs={"skip": exact_removed, "parts": parts}, batch_format="numpy")
         pairs = bands.groupby("part", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
         edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
-        candidate_pairs = len(edges)
-        if cfg.verify == "exact" and edges:
-            involved = {x for e in edges for x in e}
-            texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
-                lambda r: r["id"] in involved).take_all()}
-            edges = filter_edges_exact(edges, texts, cfg)
+    return _resolve(kept, dup_groups, edges, n_signed, seconds, cfg)
+
+
+def _resolve(kept, dup_groups, edges: list, documents: int, seconds: float, cfg) -> tuple:
+    """The end shared by the driver and shuffle paths: verify candidate pairs on their texts (when
+    ``cfg.verify`` is exact), resolve exact groups and near pairs into removals, and the stats."""
+    candidate_pairs = len(edges)
+    if cfg.verify == "exact" and edges:
+        involved = {x for e in edges for x in e}
+        texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
+            lambda r: r["id"] in involved).take_all()}
+        edges = filter_edges_exact(edges, texts, cfg)
     removed = resolve_duplicates(dup_groups, edges)
-    stats = {"documents": n_signed, "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
+    stats = {"documents": documents, "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
              "verified_pairs": len(edges), "cpu_seconds_signatures": round(seconds, 3)}
     return removed, stats
