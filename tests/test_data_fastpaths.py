@@ -4,6 +4,8 @@ sample of long documents. No Ray: the functions run in process, on the built-in 
 benchmark's corpus of real documents (text shipped with the installed packages)."""
 from __future__ import annotations
 
+import numpy as np
+
 import pytest
 
 from pipelines.data.clean import _ftfy_checks, badness_needs_non_ascii, fix_unicode
@@ -135,8 +137,9 @@ def test_the_cached_language_model_scores_as_py3langid(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUNDUP_CACHE_DIR", str(tmp_path))
     written = filters._load_cached_identifier()   # decompresses and writes the cache
     read = filters._load_cached_identifier()      # reads it
-    assert filters._model_cache_path().parent == tmp_path and filters._model_cache_path().is_file()
+    assert filters._model_cache_path().parent == tmp_path and filters._model_cache_path().is_dir()
     assert not list(tmp_path.glob("*.tmp"))
+    assert isinstance(read._next, np.memmap)  # the large table is shared through the OS cache, not copied
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     assert written._depth == read._depth >= 4
     for text in (ENGLISH, FRENCH, "東京は晴れ", "Привет, мир", "", "12345 ..."):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def write_corpus(root: Path) -> dict[str, str]:
     return {"exact": "docs.jsonl:61", "near": "docs.jsonl:62"}
 
 
-def run_stage(inputs: list[str], run: Path):
+def run_stage(inputs: list[str], run: Path, *extra: str):
     from pipelines.data.stage import Config, run as run_data
 
     from pipelines.data.steps import DEFAULT_STEPS
@@ -47,7 +48,7 @@ def run_stage(inputs: list[str], run: Path):
     config = build_config(Config, values={"inputs": inputs, "run": str(run), "steps": [*DEFAULT_STEPS, user_step],
                                           "step_config": {user_step: {"phrases": [DECONTAMINATE]}}}, overrides=[
         "filters.preset=code_docs", "tokenizer.vocab_size=512", "pack.sequence_length=64",
-        "pack.rows_per_shard=200", "pack.validation_fraction=0.1"])
+        "pack.rows_per_shard=200", "pack.validation_fraction=0.1", *extra])
     return run_data(config)
 
 
@@ -57,7 +58,8 @@ def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, t
     corpus.mkdir()
     planted = write_corpus(corpus)
     first = run_stage([str(corpus)], tmp_path / "run1")
-    second = run_stage([str(corpus)], tmp_path / "run2")
+    # The re-run dedups by Ray Data's shuffles, not on the driver: the same bytes either way.
+    second = run_stage([str(corpus)], tmp_path / "run2", "dedup.local_max_documents=0")
 
     counts = first["counts"]
     assert counts["documents_in"] == counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]
@@ -115,6 +117,7 @@ def test_stage_end_to_end_counts_rejects_and_byte_identical_rerun(ray_cluster, t
         assert shard_bytes == again
     assert documents == counts["kept"]
     assert (data / out["tokenizer"]).read_bytes() == (tmp_path / "run2" / "data" / out["tokenizer"]).read_bytes()
+    assert second["counts"] == counts and second["figures"]["dedup"]["duplicates"] == dups
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -132,3 +135,60 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.ray
+def test_a_large_compressed_file_is_processed_in_chunks_in_input_order(ray_cluster, tmp_path, monkeypatch):
+    """A compressed file cannot be cut into byte ranges: one task reads it in chunks that other tasks
+    process. The blocks hold exactly the file's records, in order, each processed as in one process."""
+    import io
+
+    import pyarrow as pa
+    import ray
+
+    from pipelines.console import Progress
+    from pipelines.data.readers import read_input_file, resolve_inputs
+    from pipelines.data.records import to_table
+    from pipelines.data import stage
+    from pipelines.data.stage import Config, ProcessBatch, _process_all, plan_read_units
+    from pipelines.data.steps import build_steps
+
+    monkeypatch.setattr(stage, "MIN_CHUNK_BYTES", 100_000)
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = list(itertools.islice(iter_builtin_documents(), 150))  # about 0.5 MB: several chunks
+    (corpus / "big.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d["text"]}) + "\n"
+                                                                for d in docs).encode(), compresslevel=1))
+    (corpus / "small.jsonl").write_text(json.dumps({"text": docs[0]["text"]}) + "\n")
+    config = build_config(Config, values={"inputs": [str(corpus)], "run": str(tmp_path / "run")}, overrides=[])
+    files = resolve_inputs(config.inputs, config.read, [])
+    assert [u.chunked for u in plan_read_units(config, files)] == [True, False]
+
+    processor = ProcessBatch(build_steps(config.steps, config, sign=True), config.pii, config.filters.preset)
+    with Progress("test", stream=io.StringIO()) as progress:
+        blocks, metas = _process_all(config, files, processor, progress)
+    assert len(blocks) >= 3  # the big file's chunks, then the small file
+    got = pa.concat_tables(ray.get(blocks))
+    expected = processor(to_table([r for f in files for r in read_input_file(f, config.read)]))
+    columns = ["id", "status", "reason", "text", "exact_hash"]
+    assert got.select(columns).to_pylist() == expected.select(columns).to_pylist()
+    assert [sum(m[k] for m in metas) for k in ("documents", "kept")] == [len(docs) + 1, got.column("status").to_pylist().count("kept")]
+
+
+def test_an_empty_block_finishes_and_tokenizes_to_nothing(builtin_tokenizer):
+    """A read unit can hold no document (a built-in part without modules, a file of blank lines): its
+    block adds no count, no kept document, no reject and no token."""
+    from pipelines.data.records import to_table
+    from pipelines.data.stage import ProcessBatch, _aggregate_counts, _finish_block, _tokenize_block
+    from pipelines.data.clean import CleanConfig
+    from pipelines.data.dedup import DedupConfig
+    from pipelines.data.filters import FiltersConfig
+    from pipelines.data.pii import PIIConfig
+
+    empty = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig(), DedupConfig())(to_table([]))
+    small, kept, rejects = _finish_block(empty, {}, 0, 1.0)
+    assert small == {"summary": [], "ids": [], "sampled": []} and kept.num_rows == rejects.num_rows == 0
+    assert _aggregate_counts(small["summary"])[0]["documents_in"] == 0
+    tokens = _tokenize_block(kept, builtin_tokenizer.model_bytes, 0, set())
+    assert all(len(values) == 0 for values in tokens.values())

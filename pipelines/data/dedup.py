@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from collections.abc import Callable, Iterable
 from itertools import combinations
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -57,7 +58,7 @@ class DedupConfig(StrictModel):
                                   "cost seconds of scheduling each on a small corpus; 0: always shuffle")
 
     @model_validator(mode="after")
-    def _bands_cover_signature(self) -> "DedupConfig":
+    def _bands_cover_signature(self) -> DedupConfig:
         if self.bands * self.rows_per_band > self.num_perm:
             raise ValueError(f"bands * rows_per_band ({self.bands * self.rows_per_band}) exceeds num_perm "
                              f"({self.num_perm})")
@@ -302,10 +303,22 @@ def _bucket_group(group: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, n
 SIGNED_COLUMNS = ("id", "exact_hash", "signature", "band_keys", "t_dedup")
 
 
-def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig, kept=None) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+TextsOf = Callable[[set[str]], dict[str, str]]
+
+
+def _dataset_texts(kept) -> TextsOf:
+    """The texts of a set of ids, read from the Ray Dataset ``kept`` (for ``verify="exact"``)."""
+    def texts_of(ids: set[str]) -> dict[str, str]:
+        return {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
+            lambda r: r["id"] in ids).take_all()}
+    return texts_of
+
+
+def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig,
+                      texts_of: TextsOf | None = None) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
     """:func:`dedup_dataset` on the driver for signed rows (dicts of :data:`SIGNED_COLUMNS`): the same
     groups, buckets, edge checks and components as the two shuffles compute, so the same result.
-    ``kept`` (the dataset) is read only for ``verify="exact"``, for the texts of candidate pairs."""
+    ``texts_of`` (ids -> texts) is called only for ``verify="exact"``, for the texts of candidate pairs."""
     seconds = float(sum(row["t_dedup"] or 0.0 for row in rows))
     dup_groups: list[list[str]] = []
     if cfg.exact:
@@ -329,7 +342,7 @@ def dedup_signed_rows(rows: list[dict[str, Any]], cfg: DedupConfig, kept=None) -
                                           [np.frombuffer(rows[i]["signature"], dtype=np.uint32) for i in members_at],
                                           cfg))
         edges = sorted(found)
-    return _resolve(kept, dup_groups, edges, len(rows), seconds, cfg)
+    return _resolve(texts_of, dup_groups, edges, len(rows), seconds, cfg)
 
 
 def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
@@ -347,7 +360,7 @@ def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[st
         # rows of ~0.6 KB), instead of materialising them and shuffling twice.
         rows = kept.select_columns(list(SIGNED_COLUMNS)).take(cfg.local_max_documents + 1)
         if len(rows) <= cfg.local_max_documents:
-            return dedup_signed_rows(rows, cfg, kept)
+            return dedup_signed_rows(rows, cfg, _dataset_texts(kept))
     if signed:
         signed = kept.select_columns(list(SIGNED_COLUMNS)).materialize()
     else:
@@ -374,18 +387,17 @@ def dedup_dataset(kept, cfg: DedupConfig, signed: bool = False) -> tuple[dict[st
             _explode_bands, fn_kwargs={"skip": exact_removed, "parts": parts}, batch_format="numpy")
         pairs = bands.groupby("part", num_partitions=partitions).map_groups(_bucket_group, fn_kwargs={"cfg": cfg}, batch_format="numpy")
         edges = sorted({(row["a"], row["b"]) for row in pairs.take_all()})
-    return _resolve(kept, dup_groups, edges, n_signed, seconds, cfg)
+    return _resolve(_dataset_texts(kept), dup_groups, edges, n_signed, seconds, cfg)
 
 
-def _resolve(kept, dup_groups, edges: list, documents: int, seconds: float, cfg) -> tuple:
+def _resolve(texts_of: TextsOf | None, dup_groups, edges: list, documents: int, seconds: float, cfg) -> tuple:
     """The end shared by the driver and shuffle paths: verify candidate pairs on their texts (when
     ``cfg.verify`` is exact), resolve exact groups and near pairs into removals, and the stats."""
     candidate_pairs = len(edges)
     if cfg.verify == "exact" and edges:
-        involved = {x for e in edges for x in e}
-        texts = {r["id"]: r["text"] for r in kept.select_columns(["id", "text"]).filter(
-            lambda r: r["id"] in involved).take_all()}
-        edges = filter_edges_exact(edges, texts, cfg)
+        if texts_of is None:
+            raise ValueError("dedup.verify=exact needs the texts of candidate pairs")
+        edges = filter_edges_exact(edges, texts_of({x for e in edges for x in e}), cfg)
     removed = resolve_duplicates(dup_groups, edges)
     stats = {"documents": documents, "exact_groups": len(dup_groups), "candidate_pairs": candidate_pairs,
              "verified_pairs": len(edges), "cpu_seconds_signatures": round(seconds, 3)}

@@ -224,8 +224,9 @@ class _WindowedIdentifier(LanguageIdentifier):
 
     def __init__(self, *args: Any, depth: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # A view of the library's transition table (no copy: it has ~10M entries).
-        self._next = np.frombuffer(self.tk_nextmove, dtype=np.dtype(self.tk_nextmove.typecode))
+        # A view of the library's transition table (no copy: it has ~10M entries), or the memory map.
+        self._next = (self.tk_nextmove if isinstance(self.tk_nextmove, np.ndarray)
+                      else np.frombuffer(self.tk_nextmove, dtype=np.dtype(self.tk_nextmove.typecode)))
         self._row_offsets = np.asarray(self._rowbase, dtype=np.int64)
         self._feature = np.asarray(self.tk_output, dtype=np.int64)
         self._depth = self._trie_depth() if depth is None else depth
@@ -274,38 +275,63 @@ _SELF_CHECK = ("Grüße aus Köln — naïve café. 東京は晴れ。 Прив�
 
 def _model_cache_path() -> Path:
     """Where the decompressed language model is kept between processes: ``GROUNDUP_CACHE_DIR`` or a
-    folder in the temporary directory, one file per py3langid model file (size and time in the name)."""
+    folder in the temporary directory; one folder of .npy arrays per py3langid model file (size and
+    time in the name)."""
     from py3langid.langid import MODEL_DIR
 
     source = Path(MODEL_DIR) / MODEL_FILE
     info = source.stat()
     base = Path(os.environ.get("GROUNDUP_CACHE_DIR") or Path(tempfile.gettempdir()) / "groundup-cache")
-    return base / f"py3langid-{info.st_size}-{int(info.st_mtime)}.npz"
+    return base / f"py3langid-{info.st_size}-{int(info.st_mtime)}"
 
 
-def _load_cached_identifier() -> "_WindowedIdentifier":
-    """The identifier from the decompressed model (about 70 MB, written once, atomically); reading it
-    takes a fraction of the second py3langid spends decompressing its LZMA file in every worker
-    process. The arrays are py3langid's own (``modelio.load_model``), as ``from_model_file`` builds
-    them, with the automaton's depth (:meth:`_WindowedIdentifier._trie_depth`)."""
+_MODEL_ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat", "depth")
+
+
+def _write_model_cache(cache: Path) -> None:
+    """py3langid's own arrays (``modelio.load_model``, as ``from_model_file`` builds them) and the
+    automaton's depth, one .npy file each, written to a temporary folder renamed into place."""
+    import shutil
+
     from py3langid import modelio
     from py3langid.langid import MODEL_DIR
 
+    ptc, pc, classes, nextmove, row, output = modelio.load_model(Path(MODEL_DIR) / MODEL_FILE)
+    depth = _WindowedIdentifier(np.asarray(ptc), pc, classes, nextmove, output, norm_probs=True, tk_row=row)._depth
+    arrays = {"ptc": np.asarray(ptc), "pc": np.asarray(pc), "classes": np.array(classes),
+              "nextmove": np.frombuffer(nextmove, dtype=np.dtype(nextmove.typecode)),
+              "nextmove_row": np.frombuffer(row, dtype=np.dtype(row.typecode)),
+              "out_feat": np.array(output, dtype=np.int64), "depth": np.array(depth)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    partial.mkdir(exist_ok=True)
+    for name, values in arrays.items():
+        np.save(partial / f"{name}.npy", values, allow_pickle=False)
+    try:
+        os.rename(partial, cache)
+    except OSError:  # another process put it there first: theirs is the same
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _load_cached_identifier() -> "_WindowedIdentifier":
+    """The identifier from the decompressed model (about 70 MB, written once). Its transition table
+    is memory-mapped: every worker process shares the same pages of the OS cache and reads only the
+    ones its documents touch, instead of py3langid decompressing its LZMA file (about a second) in
+    each."""
     cache = _model_cache_path()
-    if not cache.is_file():
-        ptc, pc, classes, nextmove, row, output = modelio.load_model(Path(MODEL_DIR) / MODEL_FILE)
-        depth = _WindowedIdentifier(np.asarray(ptc), pc, classes, nextmove, output, norm_probs=True, tk_row=row)._depth
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        with open(partial, "wb") as out:
-            np.savez(out, ptc=ptc, pc=pc, classes=np.array(classes), nextmove=np.frombuffer(nextmove, dtype=np.dtype(nextmove.typecode)),
-                     nextmove_row=np.frombuffer(row, dtype=np.dtype(row.typecode)), out_feat=np.array(output, dtype=np.int64), depth=np.array(depth))
-        os.replace(partial, cache)
-    with np.load(cache, allow_pickle=False) as data:
-        return _WindowedIdentifier(np.asarray(data["ptc"]), data["pc"], data["classes"].tolist(),
-                                   modelio._to_array(data["nextmove"]), data["out_feat"].tolist(),
-                                   norm_probs=True, tk_row=modelio._to_array(data["nextmove_row"]),
-                                   depth=int(data["depth"]))
+    if not all((cache / f"{name}.npy").is_file() for name in _MODEL_ARRAYS):
+        _write_model_cache(cache)
+
+    def load(name: str, mmap: bool = False) -> np.ndarray:
+        return np.load(cache / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    from py3langid import modelio
+
+    # The small arrays as py3langid builds them (its row offsets as Python ints: shifted, they
+    # overflow a uint16 array); the large transition table as the map.
+    return _WindowedIdentifier(load("ptc"), load("pc"), load("classes").tolist(), load("nextmove", mmap=True),
+                               load("out_feat").tolist(), norm_probs=True,
+                               tk_row=modelio._to_array(load("nextmove_row")), depth=int(load("depth")))
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -25,18 +26,35 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from pipelines.cli import Flag, stage_main
-from pipelines.console import Progress
 from pipelines.config import ConfigError, StageConfig
+from pipelines.console import Progress
 from pipelines.data.clean import CleanConfig
-from pipelines.data.dedup import DedupConfig, dedup_dataset
+from pipelines.data.dedup import SIGNED_COLUMNS, DedupConfig, dedup_dataset, dedup_signed_rows
 from pipelines.data.filters import PRESETS, FiltersConfig, effective_filters
-from pipelines.data.pack import (PackConfig, ShardWriter, TokenizerConfig, assign_validation,
-                                 select_training_sample, token_dtype, tokenize_batch, unit_hash)
+from pipelines.data.pack import (
+    PackConfig,
+    ShardWriter,
+    TokenizerConfig,
+    assign_validation,
+    select_training_sample,
+    token_dtype,
+    tokenize_batch,
+    unit_hash,
+)
 from pipelines.data.pii import PIIConfig, redact
-from pipelines.data.steps import DEFAULT_STEPS, Doc, Pipeline, Rejection, SignStep, Step, build_steps
-from pipelines.data.readers import (BUILTIN, InputFile, ReadConfig, SkippedFile, builtin_parts, read_builtin_part,
-                                    read_input_file, resolve_inputs, split_ranges)
+from pipelines.data.readers import (
+    BUILTIN,
+    InputFile,
+    ReadConfig,
+    SkippedFile,
+    builtin_parts,
+    read_builtin_part,
+    read_input_file,
+    resolve_inputs,
+    split_ranges,
+)
 from pipelines.data.records import DROPPED, DUPLICATE, KEPT, PII_KINDS, QUARANTINED, SCHEMA, to_table
+from pipelines.data.steps import DEFAULT_STEPS, Doc, Pipeline, Rejection, SignStep, Step, build_steps
 from pipelines.rundir import RunDir, new_manifest, resolve_filesystem
 
 STAGE = "data"
@@ -92,19 +110,6 @@ SUBCOMMANDS_HELP = ("groundup data inspect --run RUN [--reason R] [--n K]: per f
 
 # ---------------------------------------------------------------- per-document processing (Ray tasks)
 
-def _read_files(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
-    """The records of one read task: a group of small files, or one byte range of a large one."""
-    records: list[dict[str, Any]] = []
-    for item in row["files"]:
-        f = InputFile(**item)
-        start = len(records)
-        records.extend(read_input_file(f, cfg))
-        if f.preset:
-            for record in records[start:]:
-                record["preset"] = f.preset
-    return records
-
-
 def _file_sizes(files: list[InputFile]) -> list[int]:
     sizes = []
     for f in files:
@@ -113,34 +118,78 @@ def _file_sizes(files: list[InputFile]) -> list[int]:
     return sizes
 
 
-def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int, cfg: ReadConfig) -> tuple[list[list[InputFile]], bool]:
-    """Read tasks of about equal bytes: large uncompressed line files are cut into byte ranges, small
-    files are grouped (in order). Returns (tasks, whether a task still holds much more than its
-    share: one large compressed file, which only repartitioning the records can spread)."""
+# A read unit holds at most this many input bytes (its records are in one task's memory at once).
+MAX_UNIT_BYTES = 64 << 20
+# A file that cannot be cut is read in chunks of at least this many bytes of records.
+MIN_CHUNK_BYTES = 1 << 20
+
+
+def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int,
+                       cfg: ReadConfig) -> list[tuple[list[InputFile], int]]:
+    """Read units of about equal bytes, as (files, bytes): large uncompressed line files are cut into
+    byte ranges, small files are grouped (in order). A unit of much more than its share is one large
+    file that cannot be cut (compressed): the stage reads it in chunks that other tasks process."""
     total = sum(sizes)
-    target = max(total // max(tasks, 1), 1 << 16)
+    target = min(max(total // max(tasks, 1), 1 << 16), MAX_UNIT_BYTES)
     pieces: list[tuple[InputFile, int]] = []
     for f, size in zip(files, sizes):
         ranges = split_ranges(f, size, target, cfg)
         pieces.extend((r, (r.end - r.start) if r.end >= 0 else size) for r in ranges)
-    groups: list[list[InputFile]] = []
+    groups: list[tuple[list[InputFile], int]] = []
     current: list[InputFile] = []
     held = 0
     for f, size in pieces:
         if current and held + size > target:
-            groups.append(current)
+            groups.append((current, held))
             current, held = [], 0
         current.append(f)
         held += size
     if current:
-        groups.append(current)
-    uneven = any(size > 2 * target for _, size in pieces)
-    return groups, uneven
+        groups.append((current, held))
+    return groups
 
 
-def _read_builtin(row: dict[str, Any]) -> list[dict[str, Any]]:
-    stdlib = row["stdlib"]
-    return read_builtin_part({"stdlib": None if stdlib is None else [str(p) for p in stdlib]})
+@dataclasses.dataclass
+class ReadUnit:
+    """What one task reads: a group of input files (or byte ranges), or one part of the built-in corpus.
+    ``chunked``: one large file that cannot be cut, read in chunks processed by other tasks."""
+
+    files: list[dict[str, Any]] | None = None
+    builtin: dict[str, Any] | None = None
+    weight: int = 1  # input bytes (an estimate for built-in parts): the progress line's share of work
+    chunked: bool = False
+
+
+def plan_read_units(cfg: Config, files: list[InputFile]) -> list[ReadUnit]:
+    units: list[ReadUnit] = []
+    if files:
+        tasks = _processing_blocks()
+        groups = balance_read_tasks(files, _file_sizes(files), tasks, cfg.read)
+        share = max(sum(size for _, size in groups) // tasks, 1 << 16)
+        units += [ReadUnit(files=[asdict(f) for f in group], weight=max(size, 1), chunked=size > 2 * share)
+                  for group, size in groups]
+    if BUILTIN in cfg.inputs:
+        # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
+        units += [ReadUnit(builtin={"stdlib": None if p["stdlib"] is None else [str(x) for x in p["stdlib"]]},
+                           weight=1 << 20) for p in builtin_parts(_processing_blocks())]
+    return units
+
+
+def _iter_unit(unit: ReadUnit, cfg: ReadConfig) -> Iterator[dict[str, Any]]:
+    if unit.builtin is not None:
+        yield from read_builtin_part(unit.builtin)
+        return
+    for item in unit.files or []:
+        f = InputFile(**item)
+        for record in read_input_file(f, cfg):
+            if f.preset:
+                record["preset"] = f.preset
+            yield record
+
+
+def _read_files(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
+    """The records of a group of files (or byte ranges of one), as one read task sees them."""
+    return list(_iter_unit(ReadUnit(files=row["files"]), cfg))
 
 
 class ProcessBatch:
@@ -157,7 +206,7 @@ class ProcessBatch:
 
     @classmethod
     def from_configs(cls, clean: CleanConfig, filters: FiltersConfig, pii: PIIConfig,
-                     dedup: DedupConfig | None = None) -> "ProcessBatch":
+                     dedup: DedupConfig | None = None) -> ProcessBatch:
         """The default pipeline over these configs (for callers without a stage config)."""
         from types import SimpleNamespace
 
@@ -266,76 +315,144 @@ def _summarize(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pandas(grouped, preserve_index=False)
 
 
-# ---------------------------------------------------------------- the job
+# ---------------------------------------------------------------- the job's Ray tasks
+#
+# Every pass is a round of plain Ray tasks over blocks (Arrow tables in the object store), one block
+# per read unit, in the units' order. The stage keeps every block until its end anyway, so Ray Data's
+# streaming executor would add only its start-up: about 5 s of wall time and 7 CPU-seconds per job
+# on two cores (benchmarks/bench_data.py), more than the per-document work of a 10 MB corpus.
+# Ray Data still runs the dedup shuffles of corpora too large to dedup on the driver.
 
-def _bytes_in(batch: pa.Table) -> int:
-    import pyarrow.compute as pc
-
-    return int(pc.sum(batch.column("bytes_in")).as_py() or 0)
-
-
-def _materialize_with_progress(ds, progress: Progress, expected_blocks: int):
-    """``ds.materialize()`` with a progress line: documents (block metadata), input MB (a tiny task per
-    block) and an ETA from the share of the expected blocks done. Same blocks, same order."""
-    import ray
-
-    try:
-        from ray.data._internal.logical.interfaces import LogicalPlan
-        from ray.data._internal.logical.operators.input_data_operator import InputData
-        from ray.data.dataset import MaterializedDataset
-    except ImportError:  # another Ray Data layout: no progress, same result
-        return ds.materialize()
-    # A sliver of a CPU, not zero: a zero-CPU task runs beside the busy workers and so makes Ray start
-    # a new worker process (seconds of CPU each); this one waits for a worker between two batches.
-    count_bytes = ray.remote(num_cpus=0.001)(_bytes_in)
-    bundles, pending, done = [], [], 0
-    for bundle in ds.iter_internal_ref_bundles():
-        bundles.append(dataclasses.replace(bundle, owns_blocks=False))  # our list keeps the blocks
-        for entry in bundle.blocks:
-            ref, meta = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
-            pending.append(count_bytes.remote(ref))
-            done += 1
-            progress.update(meta.num_rows or 0, 0, min(done / max(expected_blocks, 1), 0.99))
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-        progress.update(0, sum(ray.get(ready)))
-    progress.update(0, sum(ray.get(pending)))
-    if not bundles:
-        return ds.materialize()
-    output = MaterializedDataset(LogicalPlan(InputData(input_data=bundles), ds.context), ds.context,
-                                 ds._raw_stats())
-    output._execute()
-    return output
+BATCH_ROWS = 32  # documents per ProcessBatch call: the granularity of the per-step timings
 
 
 def _processing_blocks() -> int:
-    """Blocks for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
+    """Read units for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
     import ray
 
     return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _build_records(cfg: Config, files: list[InputFile]):
+def _block_meta(table: pa.Table) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    kept = pc.equal(table.column("status"), KEPT)
+    return {"documents": table.num_rows, "bytes_in": int(pc.sum(table.column("bytes_in")).as_py() or 0),
+            "kept": int(pc.sum(kept).as_py() or 0),
+            "kept_bytes": int(pc.sum(pc.binary_length(table.column("text").filter(kept))).as_py() or 0)}
+
+
+def _processed(table: pa.Table, processor: ProcessBatch) -> tuple[pa.Table, dict[str, int]]:
+    parts = [processor(table.slice(i, BATCH_ROWS)) for i in range(0, table.num_rows, BATCH_ROWS)]
+    out = pa.concat_tables(parts) if parts else processor(table)
+    return out, _block_meta(out)
+
+
+def _process_unit(unit: ReadUnit, cfg: ReadConfig, processor: ProcessBatch) -> tuple[pa.Table, dict[str, int]]:
+    """Task: read a unit and run the step pipeline on its documents -> (block, its counts)."""
+    return _processed(to_table(list(_iter_unit(unit, cfg))), processor)
+
+
+def _read_chunks(unit: ReadUnit, cfg: ReadConfig, chunk_bytes: int) -> Iterator[pa.Table]:
+    """Generator task: the records of a unit that cannot be cut, in tables of about ``chunk_bytes``."""
+    rows: list[dict[str, Any]] = []
+    held, yielded = 0, False
+    for record in _iter_unit(unit, cfg):
+        rows.append(record)
+        held += record["bytes_in"]
+        if held >= chunk_bytes:
+            yield to_table(rows)
+            rows, held, yielded = [], 0, True
+    if rows or not yielded:
+        yield to_table(rows)
+
+
+def _signed_kept(table: pa.Table) -> list[dict[str, Any]]:
+    """Task: the dedup signature columns of a block's kept documents."""
+    return _select_status(table, KEPT, True).select(list(SIGNED_COLUMNS)).to_pylist()
+
+
+def _texts_of(table: pa.Table, ids: set[str]) -> dict[str, str]:
+    return {i: t for i, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist()) if i in ids}
+
+
+def _finish_block(table: pa.Table, removed: dict[str, tuple[str, str]], seed: int,
+                  rate: float) -> tuple[dict[str, Any], pa.Table, pa.Table]:
+    """Task: mark a block's duplicates and split it in one pass -> (its summary rows, kept ids and
+    tokenizer over-sample; the kept documents' id and text; the rejected rows for rejects/)."""
+    table = _mark_duplicates(table, removed)
+    kept = _select_status(table, KEPT, True).select(["id", "text"])
+    sample = _ids_and_sample(kept, seed, rate)
+    # (An empty block, such as a built-in part without modules, has no summary: pandas would give a
+    # row of nulls.)
+    small = {"summary": _summarize(table).to_pylist() if table.num_rows else [], "ids": sample.column("id").to_pylist(),
+             "sampled": [r for r in sample.to_pylist() if r["text"] is not None]}
+    return small, kept, _select_status(table, KEPT, False).select(SCHEMA.names)
+
+
+def _tokenize_block(kept: pa.Table, model_bytes: bytes, seed: int, validation_ids: set[str]) -> dict[str, Any]:
+    """Task: a block's kept documents as tokens (ids + EOS), in (order key, id) order within the block."""
+    batch = {"id": np.array(kept.column("id").to_pylist(), dtype=object),
+             "text": np.array(kept.column("text").to_pylist(), dtype=object)}
+    out = tokenize_batch(batch, model_bytes, seed, validation_ids)
+    order = sorted(range(len(out["id"])), key=lambda k: (int(out["order"][k]), out["id"][k]))
+    return {name: values[order] for name, values in out.items()}
+
+
+def _wait_for(refs: list[Any], progress: Progress, weights: list[int] | None = None,
+              on_ready: Callable[[int, Any], None] | None = None) -> None:
+    """Wait for a round of tasks, redrawing ``progress`` with the done share of ``weights`` (its ETA);
+    ``on_ready(k, ref)`` as the k-th task finishes."""
     import ray
 
-    parts, blocks = [], 0
-    if files:
-        # Read tasks balanced by bytes (large line files in byte ranges, small files grouped): each
-        # task then reads, cleans, filters and signs its share in one fused Ray Data task. Only a large
-        # file that cannot be cut (compressed) has its records spread over blocks by a repartition.
-        groups, uneven = balance_read_tasks(files, _file_sizes(files), _processing_blocks(), cfg.read)
-        items = [{"files": [asdict(f) for f in group]} for group in groups]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(_read_files, fn_kwargs={"cfg": cfg.read})
-        parts.append(ds.repartition(_processing_blocks()) if uneven else ds)
-        blocks += _processing_blocks() if uneven else len(items)
-    if BUILTIN in cfg.inputs:
-        # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
-        pieces = builtin_parts(_processing_blocks())
-        parts.append(ray.data.from_items(pieces, override_num_blocks=len(pieces)).flat_map(_read_builtin))
-        blocks += len(pieces)
-    ds = parts[0]
-    for part in parts[1:]:
-        ds = ds.union(part)
-    return ds, blocks
+    index = {ref: k for k, ref in enumerate(refs)}
+    total = float(sum(weights)) if weights else float(len(refs))
+    done, pending = 0.0, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25, fetch_local=False)
+        for ref in ready:
+            k = index[ref]
+            done += weights[k] if weights else 1
+            if on_ready is not None:
+                on_ready(k, ref)
+        progress.update(0, 0, min(done / max(total, 1.0), 0.999))
+
+
+def _process_all(cfg: Config, files: list[InputFile], processor: ProcessBatch,
+                 progress: Progress) -> tuple[list[Any], list[dict[str, int]]]:
+    """The per-document pass: (block refs in input order, each block's counts)."""
+    import ray
+
+    units = plan_read_units(cfg, files)
+    processor_ref = ray.put(processor)
+    process_unit = ray.remote(_process_unit).options(num_returns=2)
+    process_chunk = ray.remote(_processed).options(num_returns=2)
+    read_chunks = ray.remote(_read_chunks)
+    chunk_bytes = max(MIN_CHUNK_BYTES, sum(u.weight for u in units if not u.chunked) // max(len(units), 1))
+    blocks: list[list[tuple[Any, Any]]] = []
+    weights: list[int] = []
+    chunked: list[tuple[int, Any]] = []
+    for unit in units:
+        if unit.chunked:
+            chunked.append((len(blocks), read_chunks.remote(unit, cfg.read, chunk_bytes)))
+            blocks.append([])
+        else:
+            blocks.append([tuple(process_unit.remote(unit, cfg.read, processor_ref))])
+        weights.append(unit.weight)
+    for position, generator in chunked:  # a large compressed file: its chunks spread over the cores
+        for chunk in generator:
+            blocks[position].append(tuple(process_chunk.remote(chunk, processor_ref)))
+    flat = [pair for unit_blocks in blocks for pair in unit_blocks]
+    unit_of = [k for k, unit_blocks in enumerate(blocks) for _ in unit_blocks]
+    metas: list[dict[str, int]] = [{}] * len(flat)
+
+    def counted(k: int, ref: Any) -> None:
+        metas[k] = ray.get(ref)
+        progress.update(metas[k]["documents"], metas[k]["bytes_in"])
+
+    block_weights = [weights[u] // max(len(blocks[u]), 1) for u in unit_of]
+    _wait_for([meta for _, meta in flat], progress, block_weights, counted)
+    return [table for table, _ in flat], metas
 
 
 def _ids_and_sample(batch: pa.Table, seed: int, rate: float) -> pa.Table:
@@ -346,13 +463,14 @@ def _ids_and_sample(batch: pa.Table, seed: int, rate: float) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
 
 
-def _aggregate_counts(final) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """(counts, totals by (status, reason), CPU seconds of each per-document step) in one pass."""
+def _aggregate_counts(summary_rows: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(counts, totals by (status, reason), CPU seconds of each per-document step) from the blocks'
+    summary rows (:func:`_summarize`)."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
     seconds: dict[str, float] = {}
     presets: dict[str, dict[str, int]] = {}
     by_source: dict[str, dict[str, int]] = {}
-    for row in final.map_batches(_summarize, batch_format="pyarrow").take_all():
+    for row in summary_rows:
         key = (row["status"], row["reason"])
         bucket = totals.setdefault(key, {})
         for name, value in json.loads(row["step_seconds"]).items():
@@ -423,18 +541,21 @@ def _train_or_load_tokenizer(cfg: Config, sampled: list[dict[str, Any]]) -> tupl
     return tokenizer.model_bytes, info
 
 
-def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: set[str]) -> tuple[dict, float]:
+def _pack(cfg: Config, kept: list[Any], run: RunDir, model_bytes: bytes, validation_ids: set[str],
+          documents: int) -> tuple[dict, float]:
+    """Tokenize the kept blocks (tasks; the sentencepiece processor is cached per worker process), then
+    write the documents in (seeded order key, id) order, merged from the blocks, into .npy shards."""
+    import heapq
+
+    import ray
 
     from model.tokenizer import Tokenizer
 
     vocab = Tokenizer.from_bytes(model_bytes).vocab_size
     dtype = token_dtype(vocab)
-    # Plain tasks: the sentencepiece processor is cached per worker process (see pack.tokenize_batch),
-    # so there is no actor pool to start and scale.
-    tokenized = kept.select_columns(["id", "text"]).map_batches(
-        tokenize_batch, fn_kwargs={"model_bytes": model_bytes, "seed": cfg.seed, "validation_ids": validation_ids},
-        batch_format="numpy", batch_size=128,
-    ).sort(["order", "id"])
+    tokenize = ray.remote(_tokenize_block)
+    model_ref, validation_ref = ray.put(model_bytes), ray.put(validation_ids)
+    refs = [tokenize.remote(block, model_ref, cfg.seed, validation_ref) for block in kept]
 
     def write(relpath: str, data: bytes) -> None:
         run.write_bytes(f"{STAGE}/{relpath}", data)
@@ -442,14 +563,76 @@ def _pack(cfg: Config, kept, run: RunDir, model_bytes: bytes, validation_ids: se
     writers = {split: ShardWriter(split, cfg.pack.sequence_length, cfg.pack.rows_per_shard, dtype, write,
                                   cfg.pack.last_row) for split in ("train", "validation")}
     cpu_seconds = 0.0
-    with Progress("data: tokenize, pack", total=kept.count()) as progress:
-        for batch in tokenized.iter_batches(batch_size=256, batch_format="numpy"):
-            cpu_seconds += float(np.sum(batch["t_tokenize"]))
-            for split, tokens, n_bytes in zip(batch["split"], batch["tokens"], batch["n_bytes"]):
-                writers[str(split)].add(np.frombuffer(tokens, dtype=np.uint32), int(n_bytes))
-            progress.update(len(batch["split"]), int(np.sum(batch["n_bytes"])))
+    with Progress("data: tokenize, pack", total=documents) as progress:
+        _wait_for(refs, progress)
+        blocks = ray.get(refs)
+        cpu_seconds = float(sum(np.sum(b["t_tokenize"]) for b in blocks))
+        keyed = ([(int(b["order"][k]), str(b["id"][k]), n, k) for k in range(len(b["id"]))]
+                 for n, b in enumerate(blocks))
+        for _, _, n, k in heapq.merge(*keyed):
+            block = blocks[n]
+            writers[str(block["split"][k])].add(np.frombuffer(block["tokens"][k], dtype=np.uint32),
+                                                int(block["n_bytes"][k]))
+            progress.update(1, int(block["n_bytes"][k]))
     splits = {split: writer.finish() for split, writer in writers.items()}
     return {"splits": splits, "vocab_size": vocab, "dtype": dtype.name}, cpu_seconds
+
+
+def _write_rejects(run_dir: RunDir, rejected: list[Any]) -> int:
+    """Every rejected row, block by block (one in memory at a time), into rejects/part-00000.parquet."""
+    import pyarrow.parquet as pq
+    import ray
+
+    directory = run_dir.path(STAGE, "rejects")
+    run_dir.fs.delete_dir_contents(directory, missing_dir_ok=True)
+    writer, rows = None, 0
+    try:
+        for ref in rejected:
+            table = ray.get(ref)
+            if table.num_rows == 0:
+                continue
+            if writer is None:
+                run_dir.fs.create_dir(directory, recursive=True)
+                writer = pq.ParquetWriter(f"{directory}/part-00000.parquet", SCHEMA, filesystem=run_dir.fs)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def _dedup(config: Config, blocks: list[Any], metas: list[dict[str, int]]) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """Duplicates among the kept documents: on the driver (their signatures fetched by tasks) up to
+    ``dedup.local_max_documents``, else by Ray Data's shuffles over the same blocks."""
+    import ray
+
+    kept_total = sum(m["kept"] for m in metas)
+
+    def texts_of(ids: set[str]) -> dict[str, str]:
+        lookup = ray.remote(_texts_of)
+        found: dict[str, str] = {}
+        for part in ray.get([lookup.remote(block, ids) for block in blocks]):
+            found.update(part)
+        return found
+
+    if kept_total <= config.dedup.local_max_documents:
+        signed = ray.remote(_signed_kept)
+        rows = [row for part in ray.get([signed.remote(block) for block in blocks]) for row in part]
+        return dedup_signed_rows(rows, config.dedup, texts_of)
+    from ray.data.context import ShuffleStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    if config.shuffle == "sort":
+        # Ray Data's default hash shuffle starts a pool of aggregator actors for every groupby and
+        # sort: about 4 s each, 10-15 s of a job on two cores. The task-based sort shuffle starts
+        # nothing and gives the same groups and the same order; the hash shuffle may pay off on
+        # large clusters, hence the option.
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    survivors = _status_rows(ray.data.from_arrow_refs(blocks), KEPT)
+    # local_max_documents=0: the count is known to be over it, so no attempt on the driver first.
+    return dedup_dataset(survivors, config.dedup.model_copy(update={"local_max_documents": 0}), signed=True)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -466,73 +649,59 @@ def run(config: Config) -> dict[str, Any]:
     run_dir.check_writable(STAGE)  # a bad --run fails here in one line, not after the whole job
 
     import ray
-    from ray.data.context import ShuffleStrategy
 
     from pipelines.ray_env import ensure_ray
 
     mark = time.perf_counter()
     ensure_ray(config.num_cpus)
     phase["ray_start"] = time.perf_counter() - mark
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shard bytes must not depend on task timing
-    if config.shuffle == "sort":
-        # Ray Data's default hash shuffle starts a pool of aggregator actors for every groupby and
-        # sort: about 4 s each, 10-15 s of a job on two cores. The task-based sort shuffle starts
-        # nothing and gives the same groups and the same order; the hash shuffle may pay off on
-        # large clusters, hence the option.
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     mark = time.perf_counter()
-    # Plain tasks, not actors: the processor holds nothing costly to build, and tasks start faster.
     dedup_on = config.dedup.exact or config.dedup.near
     processor = ProcessBatch(steps, config.pii, config.filters.preset)
-    records, expected_blocks = _build_records(config, files)
     with Progress("data: read, clean, filter, PII, sign") as progress:
-        processed = _materialize_with_progress(records.map_batches(processor, batch_format="pyarrow", batch_size=32),
-                                               progress, expected_blocks)
+        blocks, metas = _process_all(config, files, processor, progress)
     phase["read_clean_filter_pii_sign"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    survivors = _status_rows(processed, KEPT)
     removed: dict[str, tuple[str, str]] = {}
     dedup_stats: dict[str, Any] = {}
-    with Progress("data: dedup") as progress:
-        if dedup_on:
-            removed, dedup_stats = dedup_dataset(survivors, config.dedup, signed=True)
+    if dedup_on:
+        with Progress("data: dedup") as progress:
+            removed, dedup_stats = _dedup(config, blocks, metas)
             progress.update(dedup_stats.get("documents", 0))
-        # The per-step timing columns ride along until the one summary pass below has summed them.
-        # Not materialised: marking is cheap, so each pass below (summary, rejects, kept) marks the
-        # processed blocks itself, in its own job, instead of a job of its own writing a copy.
-        final = processed.map_batches(_mark_duplicates, fn_kwargs={"removed": removed}, batch_format="pyarrow")
     phase["dedup"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    counts, _, step_seconds = _aggregate_counts(final)
-    if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
-        raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
+    # One pass marks the duplicates and splits every block into its summary, its kept documents (with
+    # the tokenizer's over-sample) and its rejects.
+    # The tokenizer's over-sample rate from the kept text before dedup (an upper bound of after).
+    bytes_kept = sum(m["kept_bytes"] for m in metas)
+    finish = ray.remote(_finish_block).options(num_returns=3)
+    removed_ref = ray.put(removed)
+    finished = [finish.remote(block, removed_ref, config.seed, _sample_rate(config, bytes_kept)) for block in blocks]
+    del blocks
+    with Progress("data: count, split, write rejects") as progress:
+        _wait_for([small for small, _, _ in finished], progress)
+        smalls = ray.get([small for small, _, _ in finished])
+        counts, _, step_seconds = _aggregate_counts(row for small in smalls for row in small["summary"])
+        if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
+            raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
+        written = _write_rejects(run_dir, [rejects for _, _, rejects in finished])
+        if written != counts["documents_in"] - counts["kept"]:
+            raise RuntimeError("data stage: rejects/ does not hold every rejected document")  # a bug
     step_cpu = {name: round(value, 3) for name, value in step_seconds.items()}
     dedup_stats.pop("cpu_seconds_signatures", None)  # the signing is the pipeline's "dedup" step
-
-    rejects_dir = run_dir.path(STAGE, "rejects")
-    run_dir.fs.delete_dir_contents(rejects_dir, missing_dir_ok=True)
-    rejected = _status_rows(final, KEPT, keep=False).select_columns(SCHEMA.names)
-    if counts["documents_in"] - counts["kept"]:
-        rejected.repartition(1).write_parquet(rejects_dir, filesystem=run_dir.fs)
-
-    kept = _status_rows(final, KEPT).select_columns(["id", "text"]).materialize()
-    if kept.count() == 0:
+    if counts["kept"] == 0:
         raise ConfigError("no documents survived cleaning and dedup (see data/rejects/; "
                           "relax config field 'filters' or check the inputs)")
-
+    kept = [kept_block for _, kept_block, _ in finished]
     phase["counts_rejects"] = time.perf_counter() - mark
+
     mark = time.perf_counter()
-    # One pass gives every kept id (for the split) and the tokenizer's over-sample.
-    rows = kept.map_batches(_ids_and_sample, fn_kwargs={"seed": config.seed,
-                                                        "rate": _sample_rate(config, counts["bytes_out"])},
-                            batch_format="pyarrow").take_all()
-    kept_ids = [r["id"] for r in rows]
-    sampled = [r for r in rows if r["text"] is not None]
-    del rows
+    kept_ids = [i for small in smalls for i in small["ids"]]
+    sampled = [row for small in smalls for row in small["sampled"]]
+    del smalls, finished
     with Progress("data: tokenizer" + (" (reused)" if config.tokenizer.path else " training"), unit="docs") as progress:
         model_bytes, tok_info = _train_or_load_tokenizer(config, sampled)
         progress.update(tok_info.get("sample_documents", 0), tok_info.get("sample_bytes", 0))
@@ -542,7 +711,7 @@ def run(config: Config) -> dict[str, Any]:
     mark = time.perf_counter()
     validation_ids = assign_validation(kept_ids, config.seed, config.pack.validation_fraction)
     run_dir.fs.delete_dir_contents(run_dir.path(STAGE, "shards"), missing_dir_ok=True)
-    packed, tokenize_cpu = _pack(config, kept, run_dir, model_bytes, validation_ids)
+    packed, tokenize_cpu = _pack(config, kept, run_dir, model_bytes, validation_ids, counts["kept"])
     step_cpu["tokenize"] = round(tokenize_cpu, 3)
     phase["tokenize_pack"] = time.perf_counter() - mark
 
