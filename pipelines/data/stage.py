@@ -296,23 +296,31 @@ def _status_rows(ds, status: str, keep: bool = True):
     return ds.map_batches(_select_status, fn_kwargs={"status": status, "keep": keep}, batch_format="pyarrow")
 
 
-def _summarize(batch: pa.Table) -> pa.Table:
-    """Per-batch counts by (status, reason, preset, source), and the steps' seconds (a JSON object on
-    the first row); summed on the driver."""
-    frame = batch.select([c for c in batch.column_names if c not in ("signature", "band_keys")]).to_pandas()
-    frame["bytes_out"] = [len(t.encode("utf-8")) if s in (KEPT, DUPLICATE) else 0
-                          for t, s in zip(frame["text"], frame["status"])]
-    frame["n"] = 1
-    columns = ["n", "bytes_in", "bytes_out", *[f"pii_{k}" for k in PII_KINDS]]
-    grouped = frame.groupby(["status", "reason", "preset", "source"], as_index=False)[columns].sum()
+def _summarize(batch: pa.Table) -> list[dict[str, Any]]:
+    """A block's counts by (status, reason, preset, source), and the steps' seconds (a JSON object on
+    the first row); summed on the driver. No row for an empty block."""
+    import pyarrow.compute as pc
+
+    if batch.num_rows == 0:
+        return []
+    keys = ["status", "reason", "preset", "source"]
+    counted = pc.is_in(batch.column("status"), value_set=pa.array([KEPT, DUPLICATE]))
+    sums = {"n": pa.array(np.ones(batch.num_rows, dtype=np.int64)),
+            "bytes_in": batch.column("bytes_in"),
+            "bytes_out": pc.if_else(counted, pc.cast(pc.binary_length(batch.column("text")), pa.int64()), 0),
+            **{f"pii_{k}": pc.cast(batch.column(f"pii_{k}"), pa.int64()) for k in PII_KINDS}}
+    table = pa.table({**{k: batch.column(k) for k in keys}, **sums})
+    grouped = table.group_by(keys, use_threads=False).aggregate([(c, "sum") for c in sums])
+    rows = [{**{k: row[k] for k in keys}, **{c: row[f"{c}_sum"] for c in sums}, "step_seconds": "{}"}
+            for row in grouped.to_pylist()]
     seconds: dict[str, float] = {}
-    if "step_seconds" in frame.columns:
-        for value in frame["step_seconds"]:
+    if "step_seconds" in batch.column_names:
+        for value in batch.column("step_seconds").to_pylist():
             if value and value != "{}":
                 for name, t in json.loads(value).items():
                     seconds[name] = seconds.get(name, 0.0) + t
-    grouped["step_seconds"] = [json.dumps(seconds)] + ["{}"] * (len(grouped) - 1)
-    return pa.Table.from_pandas(grouped, preserve_index=False)
+    rows[0]["step_seconds"] = json.dumps(seconds)
+    return rows
 
 
 # ---------------------------------------------------------------- the job's Ray tasks
@@ -330,7 +338,9 @@ def _processing_blocks() -> int:
     """Read units for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
     import ray
 
-    return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    # Eight per CPU: documents of one size cost different CPU time (a book that the language filter
+    # drops early against a page every step reads), so smaller units even out the last tasks.
+    return max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _block_meta(table: pa.Table) -> dict[str, int]:
@@ -383,9 +393,7 @@ def _finish_block(table: pa.Table, removed: dict[str, tuple[str, str]], seed: in
     table = _mark_duplicates(table, removed)
     kept = _select_status(table, KEPT, True).select(["id", "text"])
     sample = _ids_and_sample(kept, seed, rate)
-    # (An empty block, such as a built-in part without modules, has no summary: pandas would give a
-    # row of nulls.)
-    small = {"summary": _summarize(table).to_pylist() if table.num_rows else [], "ids": sample.column("id").to_pylist(),
+    small = {"summary": _summarize(table), "ids": sample.column("id").to_pylist(),
              "sampled": [r for r in sample.to_pylist() if r["text"] is not None]}
     return small, kept, _select_status(table, KEPT, False).select(SCHEMA.names)
 
@@ -687,23 +695,36 @@ def run(config: Config) -> dict[str, Any]:
         counts, _, step_seconds = _aggregate_counts(row for small in smalls for row in small["summary"])
         if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
             raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
-        written = _write_rejects(run_dir, [rejects for _, _, rejects in finished])
+        kept_ids = [i for small in smalls for i in small["ids"]]
+        sampled = [row for small in smalls for row in small["sampled"]]
+        kept = [kept_block for _, kept_block, _ in finished]
+        rejected = [rejects for _, _, rejects in finished]
+        del smalls, finished
+        from pipelines.data.report import funnel_png, summary_text
+
+        # The tokenizer trains and the funnel is drawn (matplotlib's import is most of its second) on
+        # workers while the driver writes rejects/.
+        training = ray.remote(_train_or_load_tokenizer).remote(config, sampled) if counts["kept"] else None
+        funnel = ray.remote(funnel_png).remote(counts, f"data funnel — {config.run}")
+        del sampled
+        written = _write_rejects(run_dir, rejected)
         if written != counts["documents_in"] - counts["kept"]:
             raise RuntimeError("data stage: rejects/ does not hold every rejected document")  # a bug
     step_cpu = {name: round(value, 3) for name, value in step_seconds.items()}
     dedup_stats.pop("cpu_seconds_signatures", None)  # the signing is the pipeline's "dedup" step
-    if counts["kept"] == 0:
+    if training is None:
         raise ConfigError("no documents survived cleaning and dedup (see data/rejects/; "
                           "relax config field 'filters' or check the inputs)")
-    kept = [kept_block for _, kept_block, _ in finished]
     phase["counts_rejects"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    kept_ids = [i for small in smalls for i in small["ids"]]
-    sampled = [row for small in smalls for row in small["sampled"]]
-    del smalls, finished
     with Progress("data: tokenizer" + (" (reused)" if config.tokenizer.path else " training"), unit="docs") as progress:
-        model_bytes, tok_info = _train_or_load_tokenizer(config, sampled)
+        try:
+            model_bytes, tok_info = ray.get(training)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ConfigError):  # a user's problem: its one line, not the task's traceback
+                raise err.cause from None
+            raise
         progress.update(tok_info.get("sample_documents", 0), tok_info.get("sample_bytes", 0))
     run_dir.write_bytes(f"{STAGE}/tokenizer/tokenizer.model", model_bytes)
     phase["tokenizer"] = time.perf_counter() - mark
@@ -746,9 +767,7 @@ def run(config: Config) -> dict[str, Any]:
                  "cpu_seconds_by_step": step_cpu},
         timings={"phases_s": {k: round(v, 3) for k, v in phase.items()}},
     )
-    from pipelines.data.report import funnel_png, summary_text
-
-    run_dir.write_bytes(f"{STAGE}/funnel.png", funnel_png(counts, f"data funnel — {config.run}"))
+    run_dir.write_bytes(f"{STAGE}/funnel.png", ray.get(funnel))
     run_dir.write_manifest(STAGE, manifest)
     print(summary_text(manifest), flush=True)
     return manifest
