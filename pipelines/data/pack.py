@@ -1,4 +1,4 @@
-"""Tokenizer training sample, tokenization (Ray Data actors) and packing into fixed-length shards.
+"""Tokenizer training sample, tokenization (a Ray task per block) and packing into fixed-length shards.
 
 Documents become ``ids + [EOS]`` and are concatenated in a deterministic order (a seeded hash of
 the id), then cut into rows of ``sequence_length + 1`` tokens (input = row[:-1], target = row[1:]).
@@ -130,7 +130,7 @@ class TokenizeBatch:
 
 def tokenize_batch(batch: dict[str, np.ndarray], model_bytes: bytes, seed: int,
                    validation_ids: set[str]) -> dict[str, Any]:
-    """Ray Data task UDF: :class:`TokenizeBatch` with the processor cached across tasks."""
+    """:class:`TokenizeBatch` with the processor cached across the tasks of a worker process."""
     return TokenizeBatch(model_bytes, seed, validation_ids)(batch)
 
 

@@ -2,7 +2,7 @@
 
 Every input document becomes exactly one row and keeps it to the end: ``status`` says where it
 ended (kept, dropped by a filter, removed as a duplicate, quarantined as unreadable) and ``reason``
-names the filter/rule or the read error. The schema is fixed so Ray Data blocks from different
+names the filter/rule or the read error. The schema is fixed so blocks from different
 readers concatenate without type surprises; ``meta`` is a JSON string for the same reason.
 """
 from __future__ import annotations

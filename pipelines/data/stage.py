@@ -1,10 +1,12 @@
-"""``groundup data``: raw corpora -> cleaned, deduplicated, tokenized and packed shards (one Ray Data job).
+"""``groundup data``: raw corpora -> cleaned, deduplicated, tokenized and packed shards (one Ray job).
 
-Flow (each step can be switched off in the config):
+Flow (each step can be switched off in the config), each pass a round of Ray tasks over the same
+blocks (one per read unit of about equal bytes):
 
     read (quarantine unreadable) -> clean + filter + PII + dedup signatures (one pass)
-        -> exact + MinHash-LSH dedup (groupbys) -> train/reuse tokenizer -> tokenize (tasks)
-        -> sort by seeded hash -> pack into .npy shards
+        -> exact + MinHash-LSH dedup (on the driver, or Ray Data's shuffles for large corpora)
+        -> mark duplicates, count, split kept / rejects/ (one pass) -> train/reuse tokenizer (a task)
+        -> tokenize (tasks) -> merge by seeded hash -> pack into .npy shards
 
 Every input document keeps one row through the whole job with ``status``/``reason`` saying where it
 ended, so counts add up by construction and every rejected document is written to
@@ -76,8 +78,9 @@ class Config(StageConfig):
     step_config: dict[str, dict[str, Any]] = Field({}, description="config dict of each module:Class step, by its name in 'steps'")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started by this stage (default: all)")
     shuffle: Literal["sort", "ray_default"] = Field(
-        "sort", description="shuffle for dedup's groupbys and the packing sort: Ray Data's task-based sort "
-                            "shuffle, or whatever Ray Data's context says (its hash shuffle, with actors)")
+        "sort", description="shuffle for dedup's groupbys on corpora over dedup.local_max_documents: Ray "
+                            "Data's task-based sort shuffle, or whatever Ray Data's context says (its hash "
+                            "shuffle, with actors)")
 
     @field_validator("inputs", mode="before")
     @classmethod
