@@ -707,7 +707,11 @@ def run(config: Config) -> dict[str, Any]:
 
         # The tokenizer trains and the funnel is drawn (matplotlib's import is most of its second) on
         # workers while the driver writes rejects/.
-        training = ray.remote(_train_or_load_tokenizer).remote(config, sampled) if counts["kept"] else None
+        training = None
+        if counts["kept"] and config.tokenizer.path:  # a path on the driver's machine: read here
+            training = ray.put(_train_or_load_tokenizer(config, []))
+        elif counts["kept"]:
+            training = ray.remote(_train_or_load_tokenizer).remote(config, sampled)
         funnel = ray.remote(funnel_png).remote(counts, f"data funnel — {config.run}")
         del sampled
         written = _write_rejects(run_dir, rejected)
