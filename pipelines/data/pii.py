@@ -36,11 +36,17 @@ PHONE = re.compile(
 )
 PHONE_DIGITS = (8, 15)
 
-# Cheap necessary conditions (no look-behinds, so the regex engine scans fast): when one finds
-# nothing, the full pattern cannot match either and its pass over the text is skipped.
+# Cheap necessary conditions: when one finds nothing, the full pattern cannot match (or its match
+# cannot be accepted) and its pass over the text is skipped. Those that start with a literal
+# character let the regex engine jump between its occurrences instead of trying every position.
+# An e-mail holds "@", a label, a dot and two letters after it.
+_MAY_BE_EMAIL = re.compile(r"@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2}")
 _MAY_BE_CARD = re.compile(r"\d(?:%s\d){12}" % _CARD_GAP)
-_MAY_BE_IPV4 = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
-_MAY_BE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
+# An IPv4 address holds ".d.d." (its second and third octets between dots), then a digit.
+_MAY_BE_IPV4 = re.compile(r"\.\d{1,3}\.\d{1,3}\.\d")
+# An accepted IPv6 address has three non-empty groups: its first is followed by ":" and then by a
+# group and ":", or by ":" (the "::"), and then by a hex digit.
+_MAY_BE_IPV6 = re.compile(r":(?<=[0-9A-Fa-f]:)(?:[0-9A-Fa-f]{1,4}:|:)[0-9A-Fa-f]")
 _MAY_BE_PHONE = re.compile(r"\d{3,4}[ .-]\d{3,4}|\d[ .-]\d\d[ .-]\d\d|\+\d")
 
 
@@ -94,7 +100,7 @@ def redact(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         return substitute
 
     # E-mail first (its digits must not look like phones); cards before phones (longer digit runs).
-    if cfg.email and "@" in text:
+    if cfg.email and "@" in text and _MAY_BE_EMAIL.search(text):
         text = EMAIL.sub(replace("email"), text)
     if cfg.card and _MAY_BE_CARD.search(text):
         text = CARD.sub(replace("card", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)

@@ -127,13 +127,17 @@ MAX_UNIT_BYTES = 64 << 20
 MIN_CHUNK_BYTES = 1 << 20
 
 
+def unit_target(total_bytes: int, tasks: int) -> int:
+    """The bytes a read unit aims at: an equal share of ``tasks``, at least 64 KiB, at most MAX_UNIT_BYTES."""
+    return min(max(total_bytes // max(tasks, 1), 1 << 16), MAX_UNIT_BYTES)
+
+
 def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int,
                        cfg: ReadConfig) -> list[tuple[list[InputFile], int]]:
     """Read units of about equal bytes, as (files, bytes): large uncompressed line files are cut into
     byte ranges, small files are grouped (in order). A unit of much more than its share is one large
     file that cannot be cut (compressed): the stage reads it in chunks that other tasks process."""
-    total = sum(sizes)
-    target = min(max(total // max(tasks, 1), 1 << 16), MAX_UNIT_BYTES)
+    target = unit_target(sum(sizes), tasks)
     pieces: list[tuple[InputFile, int]] = []
     for f, size in zip(files, sizes):
         ranges = split_ranges(f, size, target, cfg)
@@ -154,23 +158,29 @@ def balance_read_tasks(files: list[InputFile], sizes: list[int], tasks: int,
 
 @dataclasses.dataclass
 class ReadUnit:
-    """What one task reads: a group of input files (or byte ranges), or one part of the built-in corpus.
-    ``chunked``: one large file that cannot be cut, read in chunks processed by other tasks."""
+    """What one task reads: a group of input files (or byte ranges), or one part of the built-in corpus;
+    or, chunked, one large file that cannot be cut, read in chunks that other tasks process."""
 
     files: list[dict[str, Any]] | None = None
     builtin: dict[str, Any] | None = None
     weight: int = 1  # input bytes (an estimate for built-in parts): the progress line's share of work
-    chunked: bool = False
+    chunk_bytes: int = 0  # > 0: one large file that cannot be cut, read in chunks of about this many bytes
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_bytes > 0
 
 
 def plan_read_units(cfg: Config, files: list[InputFile]) -> list[ReadUnit]:
     units: list[ReadUnit] = []
     if files:
         tasks = _processing_blocks()
-        groups = balance_read_tasks(files, _file_sizes(files), tasks, cfg.read)
-        share = max(sum(size for _, size in groups) // tasks, 1 << 16)
-        units += [ReadUnit(files=[asdict(f) for f in group], weight=max(size, 1), chunked=size > 2 * share)
-                  for group, size in groups]
+        sizes = _file_sizes(files)
+        groups = balance_read_tasks(files, sizes, tasks, cfg.read)
+        share = unit_target(sum(sizes), tasks)
+        chunk = max(MIN_CHUNK_BYTES, share)
+        units += [ReadUnit(files=[asdict(f) for f in group], weight=max(size, 1),
+                           chunk_bytes=chunk if size > 2 * share else 0) for group, size in groups]
     if BUILTIN in cfg.inputs:
         # Parsing the standard library is seconds of work: a few read tasks per CPU share it.
         units += [ReadUnit(builtin={"stdlib": None if p["stdlib"] is None else [str(x) for x in p["stdlib"]]},
@@ -439,13 +449,12 @@ def _process_all(cfg: Config, files: list[InputFile], processor: ProcessBatch,
     process_unit = ray.remote(_process_unit).options(num_returns=2)
     process_chunk = ray.remote(_processed).options(num_returns=2)
     read_chunks = ray.remote(_read_chunks)
-    chunk_bytes = max(MIN_CHUNK_BYTES, sum(u.weight for u in units if not u.chunked) // max(len(units), 1))
     blocks: list[list[tuple[Any, Any]]] = []
     weights: list[int] = []
     chunked: list[tuple[int, Any]] = []
     for unit in units:
         if unit.chunked:
-            chunked.append((len(blocks), read_chunks.remote(unit, cfg.read, chunk_bytes)))
+            chunked.append((len(blocks), read_chunks.remote(unit, cfg.read, unit.chunk_bytes)))
             blocks.append([])
         else:
             blocks.append([tuple(process_unit.remote(unit, cfg.read, processor_ref))])
