@@ -230,7 +230,7 @@ def test_a_bad_user_step_is_one_config_error():
 
 def test_an_input_given_as_path_colon_preset_judges_its_documents_by_that_preset(tmp_path):
     from pipelines.data.readers import ReadConfig, read_input_file, resolve_inputs
-    from pipelines.data.stage import _read_files
+    from pipelines.data.stage import ReadUnit, _iter_unit
 
     plays = tmp_path / "plays"
     plays.mkdir()
@@ -241,7 +241,7 @@ def test_an_input_given_as_path_colon_preset_judges_its_documents_by_that_preset
     assert [(f.source, f.preset) for f in files] == [("plays/hamlet.txt", "web"), ("odd:name.txt", "")]
     from dataclasses import asdict
 
-    rows = _read_files({"files": [asdict(f) for f in files]}, ReadConfig())
+    rows = list(_iter_unit(ReadUnit(files=[asdict(f) for f in files]), ReadConfig()))
     assert [r["preset"] for r in rows] == ["web", ""]
     assert list(read_input_file(files[1], ReadConfig()))[0]["text"] == LAMB
     out = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig())(to_table(rows)).to_pylist()

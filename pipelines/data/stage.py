@@ -200,11 +200,6 @@ def _iter_unit(unit: ReadUnit, cfg: ReadConfig) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _read_files(row: dict[str, Any], cfg: ReadConfig) -> list[dict[str, Any]]:
-    """The records of a group of files (or byte ranges of one), as one read task sees them."""
-    return list(_iter_unit(ReadUnit(files=row["files"]), cfg))
-
-
 class ProcessBatch:
     """Run the step pipeline (:mod:`pipelines.data.steps`) on every readable document of a batch.
 
@@ -348,11 +343,13 @@ BATCH_ROWS = 32  # documents per ProcessBatch call: the granularity of the per-s
 
 
 def _processing_blocks() -> int:
-    """Read units for the per-document work: a few per CPU, so every core is busy and tasks stay few."""
+    """Read units for the per-document work: eight per CPU, so every core is busy to the end.
+
+    Documents of one size cost different CPU time (a book that the language filter
+    drops early against a page every step reads), so smaller units even out the last tasks.
+    """
     import ray
 
-    # Eight per CPU: documents of one size cost different CPU time (a book that the language filter
-    # drops early against a page every step reads), so smaller units even out the last tasks.
     return max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -449,8 +446,7 @@ def _process_all(cfg: Config, files: list[InputFile], processor: ProcessBatch,
     process_unit = ray.remote(_process_unit).options(num_returns=2)
     process_chunk = ray.remote(_processed).options(num_returns=2)
     read_chunks = ray.remote(_read_chunks)
-    blocks: list[list[tuple[Any, Any]]] = []
-    weights: list[int] = []
+    blocks: list[list[tuple[Any, Any]]] = []  # per unit: its (block, counts) refs, several when chunked
     chunked: list[tuple[int, Any]] = []
     for unit in units:
         if unit.chunked:
@@ -458,7 +454,6 @@ def _process_all(cfg: Config, files: list[InputFile], processor: ProcessBatch,
             blocks.append([])
         else:
             blocks.append([tuple(process_unit.remote(unit, cfg.read, processor_ref))])
-        weights.append(unit.weight)
     for position, generator in chunked:  # a large compressed file: its chunks spread over the cores
         for chunk in generator:
             blocks[position].append(tuple(process_chunk.remote(chunk, processor_ref)))
@@ -470,7 +465,7 @@ def _process_all(cfg: Config, files: list[InputFile], processor: ProcessBatch,
         metas[k] = ray.get(ref)
         progress.update(metas[k]["documents"], metas[k]["bytes_in"])
 
-    block_weights = [weights[u] // max(len(blocks[u]), 1) for u in unit_of]
+    block_weights = [units[u].weight // len(blocks[u]) for u in unit_of]
     _wait_for([meta for _, meta in flat], progress, block_weights, counted)
     return [table for table, _ in flat], metas
 
