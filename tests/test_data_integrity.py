@@ -99,14 +99,16 @@ def test_card_numbers_in_the_formats_real_text_uses_are_masked(card):
 
 
 @pytest.mark.parametrize("phone", ["+33 1 42 68 53 00", "01 42 68 53 00", "+33 6 12 34 56 78", "+33.1.42.68.53.00",
-                                   "+49 30 1234 5678", "+1 (555) 123-4567", "+44 20 7946 0958"])
+                                   "+49 30 1234 5678", "+1 (555) 123-4567", "+44 20 7946 0958", "0201 2345 6789",
+                                   "2020 1234 5678"])
 def test_phone_numbers_in_french_and_international_layouts_are_masked(phone):
     text, counts = redact(f"Appelez le {phone} demain.", PIIConfig())
     assert text == "Appelez le <PHONE> demain." and counts["phone"] == 1
 
 
 @pytest.mark.parametrize("text", ["Python 3.11.7 on 2023-12-04", "steps 1 2 3 4 5", "+1 2 3", "score 12 34 56 78",
-                                  "ISBN 978-0-13-110362-7"])
+                                  "ISBN 978-0-13-110362-7", "in 1990 1991 1992 and", "seasons 2019-2020-2021",
+                                  "editions 1865.1872.1897"])
 def test_numbers_that_are_not_phones_stay(text):
     assert redact(text, PIIConfig())[0] == text
 

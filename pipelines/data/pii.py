@@ -71,8 +71,16 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _phone_digits_ok(candidate: str) -> bool:
-    return PHONE_DIGITS[0] <= sum(c.isdigit() for c in candidate) <= PHONE_DIGITS[1]
+YEARS = (1500, 2099)
+
+
+def _is_phone(candidate: str) -> bool:
+    """8 to 15 digits, and not a run of years ("1990 1991 1992", "2019-2020-2021"): groups of four
+    digits that all read as years are a list of dates in prose, far likelier than a phone number."""
+    if not PHONE_DIGITS[0] <= sum(c.isdigit() for c in candidate) <= PHONE_DIGITS[1]:
+        return False
+    groups = re.findall(r"\d+", candidate)
+    return not all(len(g) == 4 and YEARS[0] <= int(g) <= YEARS[1] for g in groups)
 
 
 def _is_ip(candidate: str) -> bool:
@@ -110,5 +118,5 @@ def redact(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         if _MAY_BE_IPV6.search(text):
             text = IPV6.sub(replace("ip", _is_ip), text)
     if cfg.phone and _MAY_BE_PHONE.search(text):
-        text = PHONE.sub(replace("phone", _phone_digits_ok), text)
+        text = PHONE.sub(replace("phone", _is_phone), text)
     return text, counts
