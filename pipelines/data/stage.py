@@ -702,6 +702,7 @@ def run(config: Config) -> dict[str, Any]:
         counts, _, step_seconds = _aggregate_counts(row for small in smalls for row in small["summary"])
         if counts["documents_in"] != counts["kept"] + counts["dropped"] + counts["duplicates"] + counts["quarantined"]:
             raise RuntimeError("data stage: document counts do not add up")  # a bug, not a user error
+        progress.update(counts["documents_in"])
         kept_ids = [i for small in smalls for i in small["ids"]]
         sampled = [row for small in smalls for row in small["sampled"]]
         kept = [kept_block for _, kept_block, _ in finished]
