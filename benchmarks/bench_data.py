@@ -136,7 +136,7 @@ class CpuMeter:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._sample()
         self.start_values = dict(self.last)
         self._thread.start()
@@ -153,7 +153,8 @@ class CpuMeter:
 
 
 def run_stage(inputs: list[str], run: str, overrides: list[str]) -> tuple[dict, float, float]:
-    from pipelines.data.stage import Config, run as run_data
+    from pipelines.data.stage import Config
+    from pipelines.data.stage import run as run_data
 
     config = build_config(Config, values={"inputs": inputs, "run": run}, overrides=overrides)
     with CpuMeter() as cpu:
@@ -290,10 +291,9 @@ def measure_steps(tmp_path: Path, real_mb: float, profile: int = 0) -> dict:
     machine does not distort (process CPU time, not wall time). ``profile`` > 0 prints cProfile's top
     ``profile`` functions by cumulative time to stderr."""
     from pipelines.data.readers import ReadConfig, read_input_file, resolve_inputs
-    from pipelines.data.records import KEPT
+    from pipelines.data.records import KEPT, to_table
     from pipelines.data.stage import Config, ProcessBatch
     from pipelines.data.steps import build_steps
-    from pipelines.data.records import to_table
 
     real_dir = real_corpus(tmp_path, real_mb)
     config = build_config(Config, values={"inputs": [str(real_dir)], "run": str(tmp_path / "steps")}, overrides=[])

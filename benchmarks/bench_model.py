@@ -18,9 +18,9 @@ import time
 import torch
 
 from model.config import preset
+from model.device import measure_matmul_flops
 from model.generate import SamplingParams, generate
 from model.llama import Transformer, language_model_loss
-from model.device import measure_matmul_flops
 
 
 def train_throughput(name: str, dtype: torch.dtype | None, batch: int, seq: int, steps: int) -> dict:

@@ -30,7 +30,8 @@ def ensure_data(run: Path) -> dict:
 
     if not (run / "data" / "manifest.json").is_file():
         from pipelines.config import build_config
-        from pipelines.data.stage import Config, run as data_run
+        from pipelines.data.stage import Config
+        from pipelines.data.stage import run as data_run
 
         data_run(build_config(Config, overrides=[f"run={run}"]))
     return RunDir(str(run)).read_manifest("data")

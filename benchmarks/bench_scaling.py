@@ -33,7 +33,8 @@ def main() -> None:
     from pipelines.config import build_config
 
     if not (run / "data" / "manifest.json").is_file():
-        from pipelines.data.stage import Config as DataConfig, run as data_run
+        from pipelines.data.stage import Config as DataConfig
+        from pipelines.data.stage import run as data_run
 
         data_run(build_config(DataConfig, overrides=[f"run={run}", "tokenizer.vocab_size=1024",
                                                      "pack.sequence_length=64", "dedup.near=false"]))

@@ -23,7 +23,8 @@ LRS = (3e-3, 1.5e-3, 6e-3, 1e-3, 2e-3, 4e-3)
 def ensure_data(run: Path) -> None:
     if not (run / "data" / "manifest.json").is_file():
         from pipelines.config import build_config
-        from pipelines.data.stage import Config, run as data_run
+        from pipelines.data.stage import Config
+        from pipelines.data.stage import run as data_run
 
         data_run(build_config(Config, overrides=[f"run={run}", "tokenizer.vocab_size=1024", "pack.sequence_length=64",
                                                  "dedup.near=false"]))

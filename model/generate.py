@@ -39,8 +39,8 @@ import heapq
 import math
 import random
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 

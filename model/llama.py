@@ -64,7 +64,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, rows: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32) -> "KVCache":
+                 dtype: torch.dtype = torch.float32) -> KVCache:
         shape = (rows, config.n_kv_heads, max_len, config.head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)])

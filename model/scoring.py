@@ -14,8 +14,8 @@ to logits [batch, time, vocab] and that exposes the config (``model.config`` or 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

@@ -14,9 +14,9 @@ what SFT trains on.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -47,7 +47,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     max_sentence_length: int = 16384,
     num_threads: int = 2,
-) -> "Tokenizer":
+) -> Tokenizer:
     """Train a sentencepiece model (byte fallback, fixed special ids) and save ``tokenizer.model``.
 
     Training is deterministic for the same sentences in the same order; callers choose (and seed)
@@ -117,11 +117,11 @@ class Tokenizer:
                 raise ValueError(f"tokenizer: special token {token} has id {actual}, expected {expected}")
 
     @classmethod
-    def from_bytes(cls, model_bytes: bytes) -> "Tokenizer":
+    def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
         return cls(spm.SentencePieceProcessor(model_proto=model_bytes), model_bytes)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load ``tokenizer.model`` from a file or a directory holding it."""
         path = Path(path)
         if path.is_dir():

@@ -12,8 +12,9 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from pipelines.config import ConfigError, build_config
 

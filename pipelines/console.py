@@ -229,10 +229,10 @@ class Progress:
         self.items, self.bytes, self.fraction = 0, 0, None
         self._drawn = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close(failed=exc[0] is not None)
 
     def update(self, items: int = 0, nbytes: int = 0, fraction: float | None = None) -> None:

@@ -21,8 +21,14 @@ from pipelines.cli import Flag, stage_main
 from pipelines.config import ConfigError, StageConfig
 from pipelines.rundir import RunDir, join, local_copy
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import (BatchOrder, PackedShards, bits_per_byte, eval_rows, shards_from_manifest,
-                                  unigram_bits_per_byte)
+from pipelines.train.data import (
+    BatchOrder,
+    PackedShards,
+    bits_per_byte,
+    eval_rows,
+    shards_from_manifest,
+    unigram_bits_per_byte,
+)
 from pipelines.train.task import Figures, StepContext, TaskDefaults, TaskLoss
 
 STAGE = "pretrain"
@@ -155,11 +161,10 @@ def _read_data(run: RunDir) -> tuple[dict[str, Any], str]:
 def prepare(config: Config):
     """Driver-side: model config, data, plan and DeepSpeed config. Raises ConfigError on bad input."""
     from model.config import PRESETS, preset
+    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
     from pipelines.train.deepspeed_config import deepspeed_config
     from pipelines.train.loop import LoopSpec
     from pipelines.train.plan import make_plan, resolve_precision
-
-    from pipelines.scaling import resolve_budget  # --model auto; batch and lr from a budget when not given
 
     config = resolve_budget(config)
     if config.model not in PRESETS:

@@ -421,7 +421,7 @@ def finish(config: Config, points, fitted, holdout, members, started: float, swe
         p3 = fitted["approach3"]
         print(f"scaling: approach 3: L = {p3['E']:.3f} + {p3['A']:.3g}/N^{p3['alpha']:.3f} + {p3['B']:.3g}/D^{p3['beta']:.3f}"
               f" -> N* ∝ C^{p3['a']:.3f}, D* ∝ C^{p3['b']:.3f}", flush=True)
-        if "approaches_disagree" in figures and figures["approaches_disagree"]:
+        if figures.get("approaches_disagree"):
             print(f"scaling: {figures['approaches_disagree']}", flush=True)
     if holdout is not None and holdout["measured"] is not None:
         print(f"scaling: held-out C = {holdout['flops']:.3g}: predicted {holdout['predicted']:.4f}, measured "

@@ -307,7 +307,7 @@ def _fmt(value: Any) -> str:
 # ---- results ----------------------------------------------------------------------------------------
 def collect(grid) -> list[dict[str, Any]]:
     """One row per trial from the ResultGrid: its config, size, budget, losses, status, where it stopped."""
-    statuses = {t.trial_id: t.status for t in getattr(grid, "_experiment_analysis").trials}
+    statuses = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
     rows = []
     for result in grid:
         frame = result.metrics_dataframe

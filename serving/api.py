@@ -16,8 +16,9 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,10 +27,25 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.model_server import ChoiceDelta, TokenLogprob
-from serving.schemas import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                             ChatCompletionResponse,
-                             CompletionChoice, CompletionRequest, CompletionResponse, ErrorBody, ErrorResponse,
-                             FieldError, HealthResponse, ModelCard, ModelList, Usage, new_id, unix_time)
+from serving.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    FieldError,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    unix_time,
+)
 
 HEALTH_TIMEOUT_S = 10.0
 DONE = b"data: [DONE]\n\n"

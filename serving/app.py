@@ -90,7 +90,7 @@ class ModelEntry(StrictModel):
         return {"name": name, "path": path}
 
     @model_validator(mode="after")
-    def _check_directory(self) -> "ModelEntry":
+    def _check_directory(self) -> ModelEntry:
         from model.config import ModelConfig
 
         if not _NAME.match(self.name):
@@ -141,7 +141,7 @@ class Autoscaling(StrictModel):
     target_ongoing_requests: float = Field(8, gt=0, description="concurrent requests per replica to aim for")
 
     @model_validator(mode="after")
-    def _order(self) -> "Autoscaling":
+    def _order(self) -> Autoscaling:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be at least min_replicas")
         return self
@@ -213,7 +213,7 @@ class Config(StageConfig):
         return [k for k in value.split(",") if k] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check_models(self) -> "Config":
+    def _check_models(self) -> Config:
         if not self.models:
             raise ValueError("give at least one model: --model NAME=PATH")
         names = [m.name for m in self.models]

@@ -18,13 +18,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from model.generate import (BeamSearch, Decoder, GenerationEvent, PromptTooLongError, SamplingParams,
-                            SequenceState)
+from model.generate import (
+    BeamSearch,
+    Decoder,
+    GenerationEvent,
+    PromptTooLongError,
+    SamplingParams,
+    SequenceState,
+)
 from model.scoring import sequence_logprobs
 from model.tokenizer import Tokenizer
 
@@ -54,7 +61,7 @@ class Job(Protocol):
 class _Scoring:
     """Log-probabilities of given sequences (the API's echo/logprobs): model.scoring in one step."""
 
-    def __init__(self, engine: "Engine", sequences: list[list[int]], top_n: int):
+    def __init__(self, engine: Engine, sequences: list[list[int]], top_n: int):
         self.model, self.sequences, self.top_n = engine.model, sequences, top_n
         self._results = None
 
@@ -66,7 +73,7 @@ class _Scoring:
         return self._results
 
 
-def _beam_search(engine: "Engine", prompt: list[int], params: SamplingParams, width: int, n: int,
+def _beam_search(engine: Engine, prompt: list[int], params: SamplingParams, width: int, n: int,
                  length_penalty: float = 1.0) -> BeamSearch:
     return BeamSearch(engine.model, prompt, params, width, n, engine.tokenizer, length_penalty)
 
@@ -211,7 +218,7 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Run steps on a daemon thread, sleeping while there is nothing to do."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="groundup-engine", daemon=True)

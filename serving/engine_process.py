@@ -14,8 +14,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import threading
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Callable, Sequence
 
 from model.generate import SamplingParams
 from serving.engine import EventCallback, GenerationEvent, JobCallback, JobDone

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -97,7 +97,7 @@ class ChoiceDelta:
     cumulative_logprob: float = 0.0  # of the answer so far (best_of ranks by it)
     error: str | None = None  # why it failed (for the server's log; never sent to the client)
 
-    def then(self, later: "ChoiceDelta") -> "ChoiceDelta":
+    def then(self, later: ChoiceDelta) -> ChoiceDelta:
         """This delta followed by a later one of the same choice, as one."""
         logprobs = None if self.logprobs is None and later.logprobs is None else \
             (self.logprobs or []) + (later.logprobs or [])
@@ -134,7 +134,7 @@ class ChoiceStream:
     for). It runs where the engine runs — in the engine's child process when there is one — so that only
     the deltas to send cross to the replica, not every token."""
 
-    def __init__(self, interval: int, token_texts: "TokenTexts", top_logprobs: int | None):
+    def __init__(self, interval: int, token_texts: TokenTexts, top_logprobs: int | None):
         self.coalescer, self.token_texts, self.top_logprobs = Coalescer(interval), token_texts, top_logprobs
         self.total = 0.0
 
@@ -148,7 +148,7 @@ class ChoiceStream:
                                               int(event.token_id is not None), records, self.total, event.error))
 
 
-def submit_choice(engine: Engine, token_texts: "TokenTexts", prompt, params, interval: int,
+def submit_choice(engine: Engine, token_texts: TokenTexts, prompt, params, interval: int,
                   top_logprobs: int | None, on_delta: Callable[[ChoiceDelta], None]) -> int:
     """Submit one choice to an in-process :class:`Engine`; ``on_delta`` gets its coalesced deltas."""
     stream = ChoiceStream(interval, token_texts, top_logprobs)

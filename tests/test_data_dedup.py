@@ -5,8 +5,14 @@ import random
 
 import pytest
 
-from pipelines.data.dedup import (DedupConfig, connected_components, dedup_in_memory, exact_jaccard,
-                                  resolve_duplicates, shingle_hashes)
+from pipelines.data.dedup import (
+    DedupConfig,
+    connected_components,
+    dedup_in_memory,
+    exact_jaccard,
+    resolve_duplicates,
+    shingle_hashes,
+)
 
 HIGH, LOW = 0.8, 0.6  # pairs at or above HIGH must merge; pairs at or below LOW must not
 

@@ -5,7 +5,6 @@ benchmark's corpus of real documents (text shipped with the installed packages).
 from __future__ import annotations
 
 import numpy as np
-
 import pytest
 
 from pipelines.data.clean import _ftfy_checks, badness_needs_non_ascii, fix_unicode

@@ -9,10 +9,21 @@ import zstandard
 
 from pipelines.config import ConfigError
 from pipelines.data.clean import CleanConfig, clean_document
-from pipelines.data.filters import (C4Config, FiltersConfig, FineWebConfig, GopherQualityConfig,
-                                    GopherRepetitionConfig, LanguageConfig, apply_filters, c4_filter,
-                                    effective_filters, fineweb_filter, gopher_quality, gopher_repetition,
-                                    language_filter)
+from pipelines.data.filters import (
+    C4Config,
+    FiltersConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LanguageConfig,
+    apply_filters,
+    c4_filter,
+    effective_filters,
+    fineweb_filter,
+    gopher_quality,
+    gopher_repetition,
+    language_filter,
+)
 from pipelines.data.pii import PIIConfig, redact
 from pipelines.data.readers import ReadConfig, read_input_file, resolve_inputs
 

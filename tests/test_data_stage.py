@@ -15,7 +15,6 @@ import pytest
 from pipelines.config import build_config
 from pipelines.data.builtin import iter_builtin_documents
 
-
 DECONTAMINATE = "benchmark question: what is the airspeed of an unladen swallow"
 
 
@@ -40,8 +39,8 @@ def write_corpus(root: Path) -> dict[str, str]:
 
 
 def run_stage(inputs: list[str], run: Path, *extra: str):
-    from pipelines.data.stage import Config, run as run_data
-
+    from pipelines.data.stage import Config
+    from pipelines.data.stage import run as run_data
     from pipelines.data.steps import DEFAULT_STEPS
 
     user_step = "pipelines.data.steps:Decontaminate"  # a step given as module:Class in the config
@@ -147,9 +146,9 @@ def test_a_large_compressed_file_is_processed_in_chunks_in_input_order(ray_clust
     import ray
 
     from pipelines.console import Progress
+    from pipelines.data import stage
     from pipelines.data.readers import read_input_file, resolve_inputs
     from pipelines.data.records import to_table
-    from pipelines.data import stage
     from pipelines.data.stage import Config, ProcessBatch, _process_all, plan_read_units
     from pipelines.data.steps import build_steps
 
@@ -179,12 +178,12 @@ def test_a_large_compressed_file_is_processed_in_chunks_in_input_order(ray_clust
 def test_an_empty_block_finishes_and_tokenizes_to_nothing(builtin_tokenizer):
     """A read unit can hold no document (a built-in part without modules, a file of blank lines): its
     block adds no count, no kept document, no reject and no token."""
-    from pipelines.data.records import to_table
-    from pipelines.data.stage import ProcessBatch, _aggregate_counts, _finish_block, _tokenize_block
     from pipelines.data.clean import CleanConfig
     from pipelines.data.dedup import DedupConfig
     from pipelines.data.filters import FiltersConfig
     from pipelines.data.pii import PIIConfig
+    from pipelines.data.records import to_table
+    from pipelines.data.stage import ProcessBatch, _aggregate_counts, _finish_block, _tokenize_block
 
     empty = ProcessBatch.from_configs(CleanConfig(), FiltersConfig(), PIIConfig(), DedupConfig())(to_table([]))
     small, kept, rejects = _finish_block(empty, {}, 0, 1.0)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PRETRAIN_OVERRIDES, run_with_data
 
 STEPS = 8

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_with_data
 
 VOCAB, SEQ = 1024, 64
@@ -110,8 +109,10 @@ def test_scaling_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.ray
 def test_pretrain_model_auto_trains_the_predicted_size(builtin_data_dir, tmp_path_factory):
     from pipelines.config import build_config
-    from pipelines.pretrain import Config, run as pretrain
-    from pipelines.scaling_predict import Config as PredictConfig, run as predict
+    from pipelines.pretrain import Config
+    from pipelines.pretrain import run as pretrain
+    from pipelines.scaling_predict import Config as PredictConfig
+    from pipelines.scaling_predict import run as predict
 
     run = run_with_data(tmp_path_factory, builtin_data_dir, "auto")
     write_synthetic_fit(run)
@@ -168,7 +169,8 @@ def test_pretrain_warns_when_tokens_exceed_the_corpus(tmp_path, capsys):
 
 def test_tune_given_only_a_budget_sizes_its_trials_from_the_fit(tmp_path, capsys):
     from pipelines.config import build_config
-    from pipelines.scaling_predict import Config as PredictConfig, run as predict
+    from pipelines.scaling_predict import Config as PredictConfig
+    from pipelines.scaling_predict import run as predict
     from pipelines.tune import Config, sized_from_budget
 
     (tmp_path / "data").mkdir()

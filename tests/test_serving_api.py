@@ -249,9 +249,9 @@ def test_single_model_app_is_colocated_and_serves_like_the_split_one(serving_app
     """One model: the API runs in the model's own replicas (one deployment, no separate ingress), answers
     the same greedy text as the two-deployment app, streams it identically, and a client that leaves
     mid-stream frees the row (later requests still complete)."""
+    from conftest import _wait_healthy
     from ray import serve
 
-    from conftest import _wait_healthy
     from serving.app import build_application
 
     solo = serving_app.config.model_copy(update={"models": serving_app.config.models[:1], "colocate": True})

@@ -37,6 +37,7 @@ def test_a_second_serve_on_a_used_port_is_refused_in_one_line(serving_app, servi
 
 def test_serve_on_another_port_of_a_cluster_already_serving_is_refused(serving_app, serving_checkpoint):
     from conftest import _free_port
+
     from serving.app import Config, check_port
 
     with pytest.raises(ConfigError, match=f"already runs on this cluster at port {serving_app.config.port}"):

@@ -7,8 +7,14 @@ import pytest
 
 from serving.api import ChunkWriter, _sse, chat_logprobs, completion_logprobs
 from serving.model_server import ChoiceDelta, Coalescer, TokenLogprob
-from serving.schemas import (ChatChunkChoice, ChatCompletionChunk, CompletionChoice, CompletionResponse, Delta,
-                             Usage)
+from serving.schemas import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionResponse,
+    Delta,
+    Usage,
+)
 
 
 def token_events(texts: list[str], finish: str = "length") -> list[ChoiceDelta]:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_with_data
 
 STEPS = 8
@@ -116,7 +115,8 @@ def test_resume_does_not_repeat_finished_trials(tune_run):
 @pytest.mark.ray
 def test_best_recipe_reproduces_the_best_loss_with_pretrain(tune_run):
     from pipelines.config import build_config
-    from pipelines.pretrain import Config, run as pretrain
+    from pipelines.pretrain import Config
+    from pipelines.pretrain import run as pretrain
 
     run, _, manifest, _ = tune_run
     config = build_config(Config, yaml_path=run / "tune" / "best.yaml")

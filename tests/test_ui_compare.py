@@ -7,8 +7,17 @@ from collections import Counter
 import pytest
 
 from ui.client import Sampling
-from ui.compare import (Comparison, ShownAnswer, build_vote, parse_ranking, plan_round, rater_message, reveal,
-                        single_model_notice, verdict_ranking)
+from ui.compare import (
+    Comparison,
+    ShownAnswer,
+    build_vote,
+    parse_ranking,
+    plan_round,
+    rater_message,
+    reveal,
+    single_model_notice,
+    verdict_ranking,
+)
 from ui.store import InvalidVoteError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ui.ratings import (compute_ratings, fit_strengths, leaderboard_png, leaderboard_rows, pairwise_outcomes)
+from ui.ratings import compute_ratings, fit_strengths, leaderboard_png, leaderboard_rows, pairwise_outcomes
 from ui.store import PreferenceStore
 
 

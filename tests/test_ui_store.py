@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ def a_vote(**changes):
         "rater": "alice",
         "ranking": [[1], [0]],
         "flags": ["off topic"],
-        "presented_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        "presented_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
     }
     vote.update(changes)
     return vote

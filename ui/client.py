@@ -6,8 +6,9 @@ It speaks plain HTTP (httpx) exactly as any other client would, so the UI works 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 

@@ -14,7 +14,7 @@ import re
 import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ui.client import ApiError, OpenAIClient, Sampling
@@ -38,7 +38,7 @@ class ShownAnswer:
 class Comparison:
     messages: list[dict[str, str]]
     answers: list[ShownAnswer]
-    presented_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    presented_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     regenerations: int = 0
     vote_uid: str | None = None  # set once the rater has voted: a comparison takes one vote
     queue_entry: int | None = None  # a queued comparison: the replies came from the queue, not the models

@@ -18,8 +18,9 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(votes)} votes, {len(board)} models")
     print("  ".join(f"{h:>12s}" for h in LEADERBOARD_HEADERS))
     for row in leaderboard_rows(board):
-        print("  ".join(f"{str(v):>12s}" for v in row))
+        print("  ".join(f"{v!s:>12s}" for v in row))
     if args.plot and board:
         Path(args.plot).write_bytes(leaderboard_png(board))
         print(f"plot: {args.plot}")

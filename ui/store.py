@@ -20,13 +20,28 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func,
-                        inspect, select, text, update)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
@@ -87,7 +102,7 @@ class VoteIn(_Record):
         return value
 
     @model_validator(mode="after")
-    def _check_outcome(self) -> "VoteIn":
+    def _check_outcome(self) -> VoteIn:
         if self.messages[-1].role != "user":
             raise ValueError("messages: the prompt conversation must end with a user message")
         if self.outcome == "not_rankable":
@@ -98,7 +113,7 @@ class VoteIn(_Record):
         return self
 
     @classmethod
-    def parse(cls, data: "VoteIn | dict[str, Any]") -> "VoteIn":
+    def parse(cls, data: VoteIn | dict[str, Any]) -> VoteIn:
         """Validate ``data``; any problem becomes one :class:`InvalidVoteError` line."""
         if isinstance(data, VoteIn):
             return data
@@ -167,7 +182,7 @@ class VoteRow(Base):
     ranking: Mapped[list] = mapped_column(JSON)
     flags: Mapped[list] = mapped_column(JSON)
     queue_entry_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
-    candidates: Mapped[list["CandidateRow"]] = relationship(
+    candidates: Mapped[list[CandidateRow]] = relationship(
         back_populates="vote", order_by="CandidateRow.position", cascade="all, delete-orphan")
 
 
@@ -302,10 +317,10 @@ class PreferenceStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "PreferenceStore":
+    def __enter__(self) -> PreferenceStore:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- writing
@@ -315,7 +330,7 @@ class PreferenceStore:
         if vote.queue_entry is not None and self.queue_entry(vote.queue_entry) is None:
             raise InvalidVoteError(f"invalid vote: queue_entry: no queued comparison {vote.queue_entry}")
         row = VoteRow(
-            uid=uuid.uuid4().hex, created_at=datetime.now(timezone.utc), presented_at=vote.presented_at,
+            uid=uuid.uuid4().hex, created_at=datetime.now(UTC), presented_at=vote.presented_at,
             rater=vote.rater, messages=[m.model_dump() for m in vote.messages], outcome=vote.outcome,
             ranking=[list(g) for g in vote.ranking], flags=list(vote.flags), queue_entry_id=vote.queue_entry,
             candidates=[CandidateRow(position=i, model=c.model, model_version=c.model_version,
@@ -336,7 +351,7 @@ class PreferenceStore:
                 parsed.append(pair if isinstance(pair, QueuedPair) else QueuedPair.model_validate(pair))
             except ValidationError as err:
                 raise InvalidVoteError(_one_line(err).replace("invalid vote", f"invalid queued pair {index}")) from None
-        rng, now = random.Random(seed), datetime.now(timezone.utc)
+        rng, now = random.Random(seed), datetime.now(UTC)
         rows = []
         for pair in parsed:
             swapped = rng.random() < 0.5
@@ -371,7 +386,7 @@ class PreferenceStore:
         """Take an entry off the queue without a vote (a rater pressed Next round instead of voting)."""
         with Session(self.engine) as session, session.begin():
             session.execute(update(QueueRow).where(QueueRow.id == entry_id, QueueRow.skipped_at.is_(None))
-                            .values(skipped_at=datetime.now(timezone.utc), skipped_by=rater or None))
+                            .values(skipped_at=datetime.now(UTC), skipped_by=rater or None))
 
     def queue_waiting(self) -> int:
         """Queued comparisons still to be shown (no vote, not skipped)."""
@@ -428,7 +443,7 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
 def _utc(value: datetime | None) -> datetime | None:
     # SQLite hands datetimes back naive; they were stored in UTC.
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 

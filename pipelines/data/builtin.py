@@ -12,8 +12,8 @@ import ast
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 SOURCE = "builtin"
 # Test suites, IDLE's and tkinter's GUI help and vendored packages are not prose worth training on.

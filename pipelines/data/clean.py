@@ -63,7 +63,8 @@ def badness_anchor_chars(pattern: re.Pattern) -> frozenset[int] | None:
     pattern is not of the shape :func:`badness_needs_non_ascii` describes. Common non-ASCII
     characters of English text (’ — – … ·) are not among them."""
     try:
-        from re import _constants as C, _parser as parser  # Python 3.11+
+        from re import _constants as C  # Python 3.11+
+        from re import _parser as parser
     except ImportError:  # pragma: no cover
         import sre_constants as C  # type: ignore[no-redef]
         import sre_parse as parser  # type: ignore[no-redef]

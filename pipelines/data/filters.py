@@ -313,7 +313,7 @@ def _write_model_cache(cache: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _load_cached_identifier() -> "_WindowedIdentifier":
+def _load_cached_identifier() -> _WindowedIdentifier:
     """The identifier from the decompressed model (about 70 MB, written once). Its transition table
     is memory-mapped: every worker process shares the same pages of the OS cache and reads only the
     ones its documents touch, instead of py3langid decompressing its LZMA file (about a second) in
@@ -635,8 +635,16 @@ def apply_filters(text: str, cfg: FiltersConfig, preset: str = "web") -> tuple[s
     """The quality-filter steps of the default pipeline on one text, judged by ``preset``:
     (possibly edited text, first reason to drop or None). The stage runs the same steps
     (:mod:`pipelines.data.steps`); this is the short way to try the filters on a text."""
-    from pipelines.data.steps import (C4Step, Doc, FineWebStep, GopherQualityStep, GopherRepetitionStep,
-                                      LanguageStep, Pipeline, Rejection)
+    from pipelines.data.steps import (
+        C4Step,
+        Doc,
+        FineWebStep,
+        GopherQualityStep,
+        GopherRepetitionStep,
+        LanguageStep,
+        Pipeline,
+        Rejection,
+    )
 
     steps = [cls(cfg) for cls in (LanguageStep, GopherRepetitionStep, GopherQualityStep, C4Step, FineWebStep)]
     doc = Doc("text", text, "text", preset="web" if preset == "published" else preset)

@@ -7,7 +7,8 @@ triggered the rule (the line, the n-gram, the character, the ratio) as the step 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pipelines.config import ConfigError
 from pipelines.rundir import RunDir

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from pipelines.config import StrictModel
 from model.tokenizer import EOS_ID, Tokenizer
+from pipelines.config import StrictModel
 
 
 class TokenizerConfig(StrictModel):

@@ -21,16 +21,16 @@ import os
 import re
 import stat
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import pyarrow.fs as pafs
+from pydantic import Field
 
 from pipelines.config import ConfigError, StrictModel
 from pipelines.data.records import make_record, quarantine
 from pipelines.rundir import resolve_filesystem
-
-from pydantic import Field
 
 BUILTIN = "builtin"
 Format = Literal["jsonl", "parquet", "text", "html"]
@@ -301,7 +301,7 @@ def _without_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
         head += chunk
         if len(head) < len(UTF8_BOM) and UTF8_BOM.startswith(head):
             continue  # could still be the start of a BOM
-        yield head[len(UTF8_BOM):] if head.startswith(UTF8_BOM) else head
+        yield head.removeprefix(UTF8_BOM)
         head = None
     if head:
         yield head

@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pipelines.config import ConfigError
 

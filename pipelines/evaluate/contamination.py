@@ -10,7 +10,7 @@ which suits runs up to a few GB of text on one node.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class TrainingNgrams:
         self.hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
     @classmethod
-    def from_shards(cls, shards, tokenizer, n: int = 13, chunk_rows: int = 4096) -> "TrainingNgrams":
+    def from_shards(cls, shards, tokenizer, n: int = 13, chunk_rows: int = 4096) -> TrainingNgrams:
         from model.tokenizer import EOS_ID
 
         def texts():

@@ -18,8 +18,8 @@ lm-eval's tokenization (:func:`encode_pair`), so in-process, endpoint and lm-eva
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from model.tokenizer import EOS_ID, Tokenizer
 
@@ -117,7 +117,7 @@ class LocalScorer(Scorer):
         self.max_len = model.config.max_seq_len
 
     @classmethod
-    def load(cls, name: str, path: str, device=None, batch_size: int = 16) -> "LocalScorer":
+    def load(cls, name: str, path: str, device=None, batch_size: int = 16) -> LocalScorer:
         from model.device import pick_device
         from pipelines.export import open_model
 
